@@ -1,0 +1,289 @@
+"""Typed configuration: the dataclasses are the schema and hold every default once.
+
+YAML files under `conf/` only pick values; `compose()` (in `grpo_fsdp.hydra_compose`) turns the
+composed tree into these dataclasses with `OmegaConf.to_object`, so library code receives plain,
+typed objects and never calls `cfg.get(...)`.
+
+`validate()` refuses impossible combinations before any weight is loaded. Each refusal is a
+`ConfigError` naming the field, the value and the fix, printed by the entry point as one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A mistake in the configuration that the user can fix: printed as one line, no traceback."""
+
+    def __init__(self, field_name: str, problem: str, fix: str):
+        self.field_name, self.problem, self.fix = field_name, problem, fix
+        super().__init__(f"{field_name}: {problem}; {fix}")
+
+
+# --------------------------------------------------------------------------------------------
+# hardware/: how the trainer is laid out on devices
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    device: str = "cpu"  # cpu | cuda
+    nproc_per_node: int = 1  # what the launchers pass to torchrun; torchrun's own value wins
+    gpu_memory_gib: float = 0.0  # memory of one device, for the dry-run estimate (0: not a GPU)
+    reshard_after_forward: bool = True  # True: FULL_SHARD; False: ZeRO-2-like (params stay gathered)
+    param_dtype: str = "float32"  # compute dtype of gathered parameters (bfloat16 on GPU)
+    reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads and optimizer on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder block
+    attn_implementation: str = "sdpa"  # flash_attention_2 | sdpa | eager
+    load_in_4bit: bool = False  # bitsandbytes NF4 base weights (with LoRA)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# model/: which network and tokenizer
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ArchConfig:
+    """Architecture numbers. They build `model=tiny`; for hub models they feed the dry-run
+    memory estimate (the real shapes come from the checkpoint's config.json at load time)."""
+
+    vocab_size: int = 0  # 0: the tokenizer's size (tiny model)
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    path: str = ""  # hub id or local directory; empty builds the tiny model from `arch`
+    template: str = "auto"  # auto (chat template if the tokenizer has one) | chat | plain
+    trust_remote_code: bool = False
+    arch: ArchConfig = field(default_factory=ArchConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# data/: what the model reads
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ArithmeticConfig:
+    num_train: int = 4000
+    num_test: int = 200
+    min_operand: int = 0
+    max_operand: int = 20
+    ops: list[str] = field(default_factory=lambda: ["+", "-"])
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    name: str = "arithmetic"  # arithmetic | gsm8k | math | math500
+    path: str = ""  # local JSONL file or directory holding <split>.jsonl; empty: hub_id
+    hub_id: str = ""
+    hub_config: str = ""
+    train_split: str = "train"
+    test_split: str = "test"
+    limit: int = 0  # use at most this many training rows (0: all)
+    max_prompt_length: int = 128  # tokens; longer prompts are dropped and counted
+    max_length: int = 192  # prompt + completion tokens; SFT targets are truncated to fit
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# algo/: the objective (one schema per algorithm; the group option picks it)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SFTConfig:
+    name: str = "sft"
+    loss_on_prompt: bool = False  # train on completion tokens only (the usual choice)
+
+
+# --------------------------------------------------------------------------------------------
+# training loop, optimizer, checkpoints, logging
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    max_steps: int = 60  # optimizer steps
+    global_batch_size: int = 32  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    group_by_length: bool = True  # batch sequences of similar length to cut padding
+    logprob_chunk_size: int = 1024  # tokens per chunk through the LM head (memory bound)
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 5
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end (and on SIGTERM)
+    keep_last: int = 2
+    resume: str = "none"  # none | auto | <path to a checkpoint directory>
+    export_hf: bool = True  # write <run_dir>/hf (safetensors) at the end
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "grpo-fsdp"
+    wandb_entity: str = ""
+    progress_bar: bool = True
+    log_every: int = 1
+
+
+@dataclass
+class Config:
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algo: Any = MISSING  # SFTConfig (GRPO and DPO arrive as their own schemas)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = ""  # empty: outputs/<algo>-<model>-<data>-<timestamp>, chosen by rank 0
+    dry_run: bool = False  # validate, print the batch table and memory estimate, exit
+
+
+ALGO_SCHEMAS: dict[str, type] = {"sft": SFTConfig}
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for name, schema in ALGO_SCHEMAS.items():
+        cs.store(group="algo", name=f"{name}_schema", node=schema)
+
+
+# --------------------------------------------------------------------------------------------
+# validation: every check names the field, the value and the fix
+# --------------------------------------------------------------------------------------------
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("flash_attention_2", "sdpa", "eager")
+DATASETS = ("arithmetic", "gsm8k", "math", "math500")
+SCHEDULES = ("cosine", "linear", "constant")
+TEMPLATES = ("auto", "chat", "plain")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or path.endswith((".jsonl", ".json"))
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(name, f"unknown value {value!r}", f"choose one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(name, f"must be positive, got {value}", f"set {name}=<a number > 0>")
+
+
+def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
+    """Raise ConfigError on the first impossible setting. Cheap: touches no weights or network."""
+    import os
+
+    hw, model, data, train, optim = cfg.hardware, cfg.model, cfg.data, cfg.train, cfg.optim
+    _choice("hardware.device", hw.device, ("cpu", "cuda"))
+    if hw.device == "cuda" and not cuda_available and not cfg.dry_run:
+        raise ConfigError("hardware.device", "is cuda but no CUDA device is visible", "use hardware=cpu or run on a GPU machine")
+    _choice("hardware.param_dtype", hw.param_dtype, DTYPES)
+    _choice("hardware.reduce_dtype", hw.reduce_dtype, DTYPES)
+    _choice("hardware.attn_implementation", hw.attn_implementation, ATTENTION)
+    if hw.load_in_4bit and not hw.lora.enabled:
+        raise ConfigError("hardware.load_in_4bit", "4-bit base weights cannot be trained directly", "also set hardware.lora.enabled=true")
+    if hw.load_in_4bit and hw.device != "cuda":
+        raise ConfigError("hardware.load_in_4bit", "bitsandbytes 4-bit needs a CUDA device", "set hardware.load_in_4bit=false on CPU")
+    if hw.lora.enabled:
+        _positive("hardware.lora.rank", hw.lora.rank)
+
+    if not model.path and model.name != "tiny":
+        raise ConfigError("model.path", f"is empty for model {model.name!r}", "set model.path=<hub id or local directory>")
+    if model.path and _looks_local(model.path) and not os.path.isdir(os.path.expanduser(model.path)):
+        raise ConfigError("model.path", f"directory {model.path!r} does not exist", "point model.path at a saved model directory or a hub id like Qwen/Qwen2.5-1.5B")
+    _choice("model.template", model.template, TEMPLATES)
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        _positive(f"model.arch.{name}", getattr(model.arch, name))
+    if model.arch.num_heads % model.arch.num_kv_heads or model.arch.hidden_size % model.arch.num_heads:
+        raise ConfigError("model.arch.num_heads", f"{model.arch.num_heads} heads do not divide hidden {model.arch.hidden_size} or are not a multiple of {model.arch.num_kv_heads} KV heads", "pick head counts that divide evenly")
+
+    _choice("data.name", data.name, DATASETS)
+    if data.path and not os.path.exists(os.path.expanduser(data.path)):
+        raise ConfigError("data.path", f"{data.path!r} does not exist", "point data.path at a JSONL file or a directory of <split>.jsonl files, or leave it empty to use data.hub_id")
+    if data.name != "arithmetic" and not data.path and not data.hub_id:
+        raise ConfigError("data.path", f"neither data.path nor data.hub_id is set for {data.name!r}", "set data.path=<file.jsonl> or data.hub_id=<hub dataset id>")
+    _positive("data.max_prompt_length", data.max_prompt_length)
+    if data.max_length <= data.max_prompt_length:
+        raise ConfigError("data.max_length", f"{data.max_length} leaves no room after data.max_prompt_length={data.max_prompt_length}", f"set data.max_length > {data.max_prompt_length}")
+    if data.limit < 0:
+        raise ConfigError("data.limit", f"must be >= 0, got {data.limit}", "use 0 for all rows")
+    if data.name == "arithmetic":
+        a = data.arithmetic
+        _positive("data.arithmetic.num_train", a.num_train)
+        if a.max_operand < a.min_operand:
+            raise ConfigError("data.arithmetic.max_operand", f"{a.max_operand} < min_operand {a.min_operand}", "set max_operand >= min_operand")
+        for op in a.ops:
+            _choice("data.arithmetic.ops", op, ("+", "-", "*"))
+
+    _positive("train.max_steps", train.max_steps)
+    _positive("train.micro_batch_size", train.micro_batch_size)
+    _positive("train.global_batch_size", train.global_batch_size)
+    _positive("train.logprob_chunk_size", train.logprob_chunk_size)
+    per_pass = train.micro_batch_size * world_size
+    if train.global_batch_size % per_pass:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{train.global_batch_size} is not divisible by micro_batch_size {train.micro_batch_size} x world size {world_size} = {per_pass}",
+            f"use a multiple of {per_pass}, e.g. train.global_batch_size={per_pass * max(1, train.global_batch_size // per_pass)}",
+        )
+
+    _positive("optim.lr", optim.lr)
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        raise ConfigError("optim.betas", f"{list(optim.betas)} is not two numbers in [0, 1)", "set optim.betas=[0.9,0.95]")
+    _choice("optim.schedule", optim.schedule, SCHEDULES)
+    if not 0 <= optim.warmup_steps <= train.max_steps:
+        raise ConfigError("optim.warmup_steps", f"{optim.warmup_steps} is outside [0, train.max_steps={train.max_steps}]", "set optim.warmup_steps to at most train.max_steps")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        raise ConfigError("optim.min_lr_ratio", f"{optim.min_lr_ratio} is outside [0, 1]", "set a fraction such as 0.1")
+    if optim.max_grad_norm < 0:
+        raise ConfigError("optim.max_grad_norm", f"must be >= 0, got {optim.max_grad_norm}", "use 0 to disable clipping")
+
+    ck = cfg.checkpoint
+    if ck.every_steps < 0 or ck.keep_last < 1:
+        raise ConfigError("checkpoint.every_steps", f"every_steps={ck.every_steps}, keep_last={ck.keep_last}", "use every_steps >= 0 and keep_last >= 1")
+    if ck.resume not in ("none", "auto") and not os.path.isdir(ck.resume):
+        raise ConfigError("checkpoint.resume", f"{ck.resume!r} is not a checkpoint directory", "use none, auto, or the path of a step_* directory")
+    if type(cfg.algo).__name__ not in {s.__name__ for s in ALGO_SCHEMAS.values()}:
+        raise ConfigError("algo", f"unknown algorithm {cfg.algo!r}", f"choose one of {', '.join(ALGO_SCHEMAS)}")

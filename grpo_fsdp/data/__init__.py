@@ -1,0 +1,16 @@
+"""Data layer: datasets -> `Example`s -> prompts / SFT samples -> deterministic batches.
+
+    records.py       the `Example` record every data set parses into
+    gsm8k.py         GSM8K rows ("#### N" gold answers)
+    math_dataset.py  MATH / MATH-500 rows and the `last_boxed` answer extractor
+    arithmetic.py    the synthetic task the tiny model learns on a CPU
+    loading.py       `load_examples(cfg, split)`: local JSONL or the hub, malformed rows counted
+    templates.py     prompt and completion text (chat or plain), consistent with each other
+    sft.py           tokenization with a loss mask, and padding collation
+    batching.py      stateless batch order (resume- and world-size-independent)
+"""
+
+from grpo_fsdp.data.loading import load_examples
+from grpo_fsdp.data.records import Example
+
+__all__ = ["Example", "load_examples"]

@@ -1,0 +1,93 @@
+"""Process group, device mesh and rank helpers: the only module that knows about torchrun.
+
+One code path for one process and for N: without torchrun's environment we still create a
+process group (world size 1, in-process store), so FSDP2, the all-reduced loss denominator and
+distributed checkpoints run exactly as they do on a cluster. `gloo` on CPU, `nccl` on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def eval_rank(self) -> int:
+        """Rank 1 evaluates between steps (time slicing); rank 0 when alone."""
+        return 1 if self.world_size > 1 else 0
+
+
+def launched_world_size() -> int:
+    """World size torchrun set up (1 without torchrun); usable before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(device_type: str, timeout_minutes: int = 30) -> Dist:
+    """Join (or, alone, create) the process group and build a 1-D mesh over all ranks."""
+    rank, world = int(os.environ.get("RANK", "0")), launched_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        timeout = timedelta(minutes=timeout_minutes)
+        if "MASTER_ADDR" in os.environ:  # torchrun (or Slurm via torchrun)
+            dist.init_process_group(backend, timeout=timeout, device_id=device if device_type == "cuda" else None)
+        else:  # one process: an in-process store, no port to pick
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from `src` to every rank (only ever our own in-memory objects)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def agree_run_dir(requested: str, default_name: str) -> str:
+    """All ranks must write into one run directory: rank 0 decides (a timestamp), the rest receive it."""
+    chosen = requested
+    if not chosen and dist.get_rank() == 0:
+        chosen = os.path.join("outputs", f"{default_name}-{datetime.now():%Y%m%d-%H%M%S}")
+    return broadcast_object(chosen)
+
+
+def all_reduce_sum(value: float | int, device: torch.device) -> float:
+    """Sum a Python number over ranks (in float64 so token counts stay exact)."""
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on any rank (e.g. a SIGTERM that reached one process)."""
+    t = torch.tensor(int(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -1,0 +1,132 @@
+"""Load a model and its tokenizer from a hub id or a local directory, or build the tiny model.
+
+Loading never materialises a large model on every rank: all ranks build the network on the
+`meta` device, shard it (`parallelize`), allocate only their shards, and rank 0 alone reads the
+full weights and broadcasts them shard by shard (`set_model_state_dict(broadcast_from_rank0)`).
+
+`model=tiny` is a small Qwen2-architecture network initialised from a seed, with the project's
+own byte-level tokenizer, so the embedded default needs no download.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, Qwen2Config
+
+from grpo_fsdp.cli import UserError
+from grpo_fsdp.config import HardwareConfig, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def attention_backend(requested: str, device_type: str) -> str:
+    """FlashAttention-2 where it is installed and usable, SDPA otherwise (with one warning line)."""
+    if requested != "flash_attention_2":
+        return requested
+    if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return requested
+    why = "flash-attn is not installed" if device_type == "cuda" else "FlashAttention-2 needs a CUDA device"
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {why}; using attn_implementation=sdpa", file=sys.stderr)
+    return "sdpa"
+
+
+def load_tokenizer(cfg: ModelConfig):
+    if not cfg.path:
+        from grpo_fsdp.tokenizer import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path={cfg.path!r}: cannot load a tokenizer ({str(e).splitlines()[0]}); "
+                        "use a local model directory or a reachable hub id") from None
+    if tok.pad_token is None:  # many base models ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def hf_config(cfg: ModelConfig, tokenizer, attn: str) -> PretrainedConfig:
+    """The transformers config: built from `arch` for the tiny model, read from disk/hub otherwise."""
+    if not cfg.path:
+        a = cfg.arch
+        conf = Qwen2Config(
+            vocab_size=a.vocab_size or len(tokenizer),
+            hidden_size=a.hidden_size,
+            intermediate_size=a.intermediate_size,
+            num_hidden_layers=a.num_layers,
+            num_attention_heads=a.num_heads,
+            num_key_value_heads=a.num_kv_heads,
+            max_position_embeddings=a.max_position_embeddings,
+            rope_theta=a.rope_theta,
+            tie_word_embeddings=a.tie_embeddings,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    else:
+        try:
+            conf = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.path={cfg.path!r}: cannot load config.json ({str(e).splitlines()[0]}); "
+                            "use a local model directory or a reachable hub id") from None
+    conf._attn_implementation = attn
+    return conf
+
+
+def build_on_meta(conf: PretrainedConfig, trust_remote_code: bool = False) -> nn.Module:
+    """The network's structure with no storage: every rank can afford this for any model size."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(conf, dtype=torch.float32, trust_remote_code=trust_remote_code)
+
+
+def full_state_dict(cfg: ModelConfig, conf: PretrainedConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The full weights on CPU, for rank 0 only: seeded init for the tiny model, else from disk/hub."""
+    if not cfg.path:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+    else:
+        try:  # keep the checkpoint's dtype: the copy into fp32 shards happens shard by shard
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype="auto", trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.path={cfg.path!r}: cannot load weights ({str(e).splitlines()[0]})") from None
+    return model.state_dict()
+
+
+def init_nonpersistent_buffers(model: nn.Module, device: torch.device) -> None:
+    """Buffers outside the state dict (rotary `inv_freq`) are garbage after `to_empty`: recompute them."""
+    for name, module in model.named_modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "config"):
+            with torch.device("cpu"):  # rebuilt where real storage exists, then copied over
+                fresh = type(module)(config=module.config)
+            for buf_name, buf in fresh.named_buffers(recurse=False):
+                getattr(module, buf_name).copy_(buf.to(device))
+
+
+def compute_dtype(hw: HardwareConfig) -> torch.dtype:
+    return DTYPES[hw.param_dtype]
+
+
+def build_policy(cfg: ModelConfig, hw: HardwareConfig, tokenizer, dist_info, seed: int, chunk_size: int):
+    """Meta build -> parallelize -> allocate shards -> rank 0 broadcasts the weights. Returns (policy, hf config)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from grpo_fsdp.parallelize import parallelize
+    from grpo_fsdp.policy import Policy
+
+    attn = attention_backend(hw.attn_implementation, dist_info.device.type)
+    conf = hf_config(cfg, tokenizer, attn)
+    full = full_state_dict(cfg, conf, seed) if dist_info.is_main else {}
+    policy = Policy(build_on_meta(conf, cfg.trust_remote_code), chunk_size)
+    parallelize(policy, hw, dist_info.mesh)
+    # with CPU offload the sharded parameters live on the CPU; buffers always on the compute device
+    policy.to_empty(device="cpu" if hw.cpu_offload else dist_info.device)
+    init_nonpersistent_buffers(policy, dist_info.device)
+    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    return policy, conf

@@ -1,0 +1,122 @@
+"""Batch semantics: how one optimizer step is cut into prompts, sequences, micro-batches and ranks.
+
+The trainer prints this plan once at start-up (and `dry_run=true` prints only this and the memory
+estimate), so that "batch size" never means two things. The vocabulary, shared by every recipe:
+
+- a *batch* is what one step of the outer loop consumes: for SFT a set of (prompt, target) rows;
+  for GRPO (Shao et al. 2024, "DeepSeekMath", sec. 4.1) a rollout of `prompts x G` completions;
+- `prompts_per_step` / `sequences_per_step` count that batch over all ranks;
+- the batch may be split into `optimizer_steps_per_batch` optimizer steps (PPO-style mini-batches,
+  Schulman et al. 2017, sec. 5); each optimizer step takes `sequences_per_step /
+  optimizer_steps_per_batch` sequences, split into `grad_accum_steps` micro-batches of
+  `micro_batch_size` sequences on each of `world_size` ranks;
+- `loss_denominator` says what the summed loss is divided by (DESIGN.md: a global count, so the
+  result does not depend on how the batch is split).
+
+`from_config` assumes `config.validate()` has passed (divisibility is checked there, with a
+one-line fix). Each algorithm contributes one small function to `_SEMANTICS` that says what a
+batch is; the micro-batch arithmetic below is shared, so a GRPO entry (with a group size and
+several optimizer steps per rollout) is an added function, not a rewrite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from grpo_fsdp.config import Config
+
+
+@dataclass(frozen=True)
+class _BatchShape:
+    """What one algorithm says a batch is; the micro-batch split is derived from it."""
+
+    prompts_per_step: int
+    sequences_per_step: int
+    loss_denominator: str
+    optimizer_steps_per_batch: int = 1
+    samples_per_prompt: int = 1  # GRPO's group size G; 1 for SFT and DPO-style rows
+
+
+def _sft_shape(cfg: Config) -> _BatchShape:
+    # One sequence per prompt; the global batch is one optimizer step.
+    n = cfg.train.global_batch_size
+    return _BatchShape(
+        prompts_per_step=n,
+        sequences_per_step=n,
+        loss_denominator="target tokens in the step, all-reduced over ranks",
+    )
+
+
+# algo name -> batch shape. A new algorithm adds one entry, e.g. for GRPO:
+#   G = cfg.algo.group_size; prompts = global_batch_size // G; sequences = global_batch_size
+#   (or prompts * G * optimizer steps, whichever the GRPO schema defines as its batch).
+_SEMANTICS: dict[str, Callable[[Config], _BatchShape]] = {"sft": _sft_shape}
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The numbers that define one step; printed at start-up by `format_table`."""
+
+    prompts_per_step: int  # prompts in one batch, over all ranks
+    sequences_per_step: int  # sequences (rows or completions) in one batch, over all ranks
+    micro_batch_size: int  # sequences per forward/backward on one rank
+    grad_accum_steps: int  # micro-batches per rank per optimizer step
+    world_size: int
+    loss_denominator: str  # what the summed loss of an optimizer step is divided by
+    optimizer_steps_per_batch: int  # 1 for SFT; PPO-style mini-batches for GRPO
+    samples_per_prompt: int = 1  # completions per prompt (GRPO group size)
+
+    @property
+    def sequences_per_optimizer_step(self) -> int:
+        return self.sequences_per_step // self.optimizer_steps_per_batch
+
+    @property
+    def sequences_per_rank_per_optimizer_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+    @classmethod
+    def from_config(cls, cfg: Config, world_size: int) -> BatchPlan:
+        """Derive the plan. Assumes `validate(cfg, world_size, ...)` passed, so divisions are exact."""
+        name = cfg.algo.name
+        if name not in _SEMANTICS:  # a schema added without a plan entry: a programming error
+            raise KeyError(f"no batch semantics for algo {name!r}; add one to grpo_fsdp.plan._SEMANTICS")
+        shape = _SEMANTICS[name](cfg)
+        micro = cfg.train.micro_batch_size
+        per_opt_step = shape.sequences_per_step // shape.optimizer_steps_per_batch
+        # For SFT this is global_batch_size // (micro_batch_size * world_size).
+        grad_accum = per_opt_step // (micro * world_size)
+        return cls(
+            prompts_per_step=shape.prompts_per_step,
+            sequences_per_step=shape.sequences_per_step,
+            micro_batch_size=micro,
+            grad_accum_steps=grad_accum,
+            world_size=world_size,
+            loss_denominator=shape.loss_denominator,
+            optimizer_steps_per_batch=shape.optimizer_steps_per_batch,
+            samples_per_prompt=shape.samples_per_prompt,
+        )
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) pairs in print order; also handy for logging as a dict."""
+        rows = [("prompts / step", str(self.prompts_per_step))]
+        if self.samples_per_prompt > 1:  # only meaningful for group-sampling algorithms
+            rows.append(("completions / prompt", str(self.samples_per_prompt)))
+        rows += [
+            ("sequences / step", str(self.sequences_per_step)),
+            ("optimizer steps / batch", str(self.optimizer_steps_per_batch)),
+            ("sequences / optimizer step", str(self.sequences_per_optimizer_step)),
+            ("world size", str(self.world_size)),
+            ("micro-batch size (per rank)", str(self.micro_batch_size)),
+            ("grad accumulation steps", str(self.grad_accum_steps)),
+            ("loss denominator", self.loss_denominator),
+        ]
+        return rows
+
+    def format_table(self) -> str:
+        """An aligned two-column text table under the title "batch semantics"."""
+        rows = self.rows()
+        width = max(len(k) for k, _ in rows)
+        lines = ["batch semantics", "-" * (width + 2 + max(len(v) for _, v in rows))]
+        lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+        return "\n".join(lines)

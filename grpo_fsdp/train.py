@@ -1,0 +1,59 @@
+"""Entry point: compose the config, validate it, then run the recipe named by `algo=`.
+
+    python -m grpo_fsdp.train                                   # embedded default (tiny model, CPU)
+    python -m grpo_fsdp.train dry_run=true hardware=h100x2 model=qwen2.5-math-1.5b data=gsm8k
+    torchrun --nproc_per_node=2 -m grpo_fsdp.train hardware=h100x2 model=qwen2.5-math-1.5b data=gsm8k
+
+Configuration mistakes are refused here, before any process group, weight or data set is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from grpo_fsdp.cli import compose, run_main
+from grpo_fsdp.config import Config, validate
+
+RECIPES = {"sft": "grpo_fsdp.recipes.sft"}
+
+
+def dry_run(cfg: Config, world_size: int) -> str:
+    """The batch-semantics table and the per-GPU memory estimate, as printed by dry_run=true."""
+    from grpo_fsdp.estimate import estimate_memory, format_table
+    from grpo_fsdp.plan import BatchPlan
+
+    header = f"config ok: hardware={cfg.hardware.name} model={cfg.model.name} data={cfg.data.name} algo={cfg.algo.name} world_size={world_size}"
+    plan = BatchPlan.from_config(cfg, world_size).format_table()
+    memory = format_table(estimate_memory(cfg, world_size), cfg.hardware.gpu_memory_gib)
+    return "\n\n".join([header, plan, memory])
+
+
+def main(overrides: list[str]) -> int:
+    import torch
+
+    from grpo_fsdp.distributed import launched_world_size
+
+    cfg = compose(overrides)
+    # under torchrun the real world size counts; a dry run outside it assumes the profile's
+    world = launched_world_size() if "WORLD_SIZE" in os.environ else (cfg.hardware.nproc_per_node if cfg.dry_run else 1)
+    validate(cfg, world, torch.cuda.is_available())
+    if cfg.dry_run:
+        print(dry_run(cfg, world))
+        return 0
+    recipe = importlib.import_module(RECIPES[cfg.algo.name])
+    try:
+        return recipe.run(cfg)
+    finally:
+        from grpo_fsdp.distributed import shutdown
+
+        shutdown()
+
+
+def cli() -> None:
+    run_main(main)
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

@@ -1,0 +1,64 @@
+"""Shared helpers: run the trainer as a user would (a subprocess, optionally under torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# A model and batch small enough for 2 CPU cores; every trainer test starts from these.
+SMALL = [
+    "model.arch.hidden_size=64",
+    "model.arch.intermediate_size=128",
+    "model.arch.num_layers=2",
+    "data.arithmetic.num_train=256",
+    "data.max_prompt_length=128",
+    "data.max_length=192",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "optim.warmup_steps=1",
+    "logging.progress_bar=false",
+    "checkpoint.export_hf=false",
+]
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.update(extra or {})
+    return env
+
+
+def train_cmd(overrides: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "grpo_fsdp.train", *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "grpo_fsdp.train", *overrides]
+
+
+def run_train(overrides: list[str], nproc: int = 1, env: dict | None = None, check: bool = True, timeout: int = 600):
+    proc = subprocess.run(train_cmd(overrides, nproc), cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def start_train(overrides: list[str], nproc: int = 1, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(train_cmd(overrides, nproc), cwd=REPO, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = SHARED / "data"
+    if not path.is_dir():
+        pytest.skip("../shared/data is absent (a fresh clone without the shared folder)")
+    return path
