@@ -206,9 +206,9 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
     if not hw.lora.enabled:
         hints.append("hardware.lora.enabled=true")
 
-    parts = [int(round(x)) for x in (weights, gradients, optimizer, activations)]
+    parts = [round(x) for x in (weights, gradients, optimizer, activations)]
     return MemoryEstimate(
-        *parts, total=sum(parts), cpu_bytes=int(round(cpu)), params=p, trainable_params=trainable,
+        *parts, total=sum(parts), cpu_bytes=round(cpu), params=p, trainable_params=trainable,
         world_size=n, notes=tuple(notes), hints=tuple(hints),
     )  # fmt: skip
 

@@ -44,5 +44,7 @@ def parallelize(policy: Policy, hw: HardwareConfig, mesh: DeviceMesh) -> Policy:
         reshard = hw.reshard_after_forward and i < len(layers) - 1
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
     fully_shard(policy, mesh=mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
-    policy.set_gradient_divide_factor(1.0)
+    for module in (*layers, policy):  # per FSDP module: each holds its own parameter group
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
     return policy

@@ -75,7 +75,7 @@ def _hub_rows(cfg: DataConfig, split: str) -> Iterator[tuple[int, dict[str, Any]
         import datasets  # imported here: slow to import, and unused by arithmetic runs
 
         ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config or None, split=split)
-    except Exception as e:  # offline, unknown id, missing config or split: all end the same way
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, missing config or split all end the same way
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(
             f"data: could not load {cfg.hub_id!r} (config {cfg.hub_config or None!r}, split {split!r}) from the hub "

@@ -79,7 +79,7 @@ def _text(row: dict[str, Any], name: str) -> str:
     if value is None:
         raise ValueError(f"missing {name!r}")
     if not isinstance(value, str):
-        raise ValueError(f"{name!r} is {type(value).__name__}, not a string")
+        raise ValueError(f"{name!r} is {type(value).__name__}, not a string")  # noqa: TRY004 (ValueError = malformed row)
     if not value.strip():
         raise ValueError(f"empty {name!r}")
     return value.strip()

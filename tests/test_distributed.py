@@ -1,0 +1,33 @@
+"""One process vs `torchrun --nproc_per_node=2` (gloo) on the same global batch: same per-step
+losses and gradient norms, also with another micro-batch size. This holds because the loss is
+divided by the all-reduced target-token count and FSDP sums (not averages) gradients."""
+
+import pytest
+
+from conftest import SMALL, read_metrics, run_train
+
+pytestmark = pytest.mark.distributed
+STEPS = 4
+
+
+def _run(tmp_path, name, nproc, micro):
+    run_dir = tmp_path / name
+    run_train([*SMALL, f"run_dir={run_dir}", f"train.max_steps={STEPS}", f"train.micro_batch_size={micro}"], nproc=nproc)
+    return read_metrics(run_dir)
+
+
+def _close(a, b, rel=1e-5):
+    return abs(a - b) <= rel * max(abs(a), abs(b))
+
+
+def test_world_size_and_micro_batch_do_not_change_the_step(tmp_path):
+    single = _run(tmp_path, "np1_mb4", 1, 4)
+    double = _run(tmp_path, "np2_mb4", 2, 4)
+    double_small = _run(tmp_path, "np2_mb1", 2, 1)
+    assert len(single) == len(double) == len(double_small) == STEPS
+    for a, b, c in zip(single, double, double_small):
+        assert a["train/target_tokens"] == b["train/target_tokens"] == c["train/target_tokens"]
+        for key in ("train/loss", "train/grad_norm"):
+            assert _close(a[key], b[key]) and _close(a[key], c[key]), (key, a[key], b[key], c[key])
+    # the runs learned something (identical but frozen runs would also agree)
+    assert single[-1]["train/loss"] < single[0]["train/loss"] - 0.3

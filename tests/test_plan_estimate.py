@@ -1,0 +1,149 @@
+"""Batch plan and memory estimate: values checked against arithmetic written out here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from grpo_fsdp.cli import compose, group_options
+from grpo_fsdp.config import ArchConfig
+from grpo_fsdp.estimate import GIB, estimate_memory, format_table, lora_param_count, param_count
+from grpo_fsdp.plan import BatchPlan
+
+
+def test_param_count_qwen25_1_5b_tied():
+    arch = ArchConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                      num_heads=12, num_kv_heads=2, tie_embeddings=True)  # fmt: skip
+    assert param_count(arch) == 1_543_714_304
+
+
+def test_param_count_qwen25_7b_untied():
+    arch = ArchConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                      num_heads=28, num_kv_heads=4, tie_embeddings=False)  # fmt: skip
+    assert param_count(arch) == 7_615_616_512
+
+
+def test_param_count_without_attention_bias_drops_qkv_biases():
+    arch = ArchConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1)
+    # kv_dim = 8/2*1 = 4; biases per layer: q 8 + k 4 + v 4 = 16
+    assert param_count(arch) - param_count(arch, attention_bias=False) == 2 * 16
+
+
+def test_plan_grad_accum_and_sft_semantics():
+    cfg = compose(["train.global_batch_size=32", "train.micro_batch_size=4"])
+    plan = BatchPlan.from_config(cfg, world_size=2)
+    assert plan.grad_accum_steps == 32 // (4 * 2) == 4
+    assert plan.prompts_per_step == plan.sequences_per_step == 32
+    assert plan.optimizer_steps_per_batch == 1 and plan.world_size == 2 and plan.micro_batch_size == 4
+    assert plan.loss_denominator == "target tokens in the step, all-reduced over ranks"
+    table = plan.format_table()
+    assert table.splitlines()[0] == "batch semantics"
+    # aligned: every value starts two spaces after the widest label
+    width = max(len(k) for k, _ in plan.rows())
+    for line, (key, value) in zip(table.splitlines()[2:], plan.rows(), strict=True):
+        assert line == key.ljust(width) + "  " + value
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.world_size = 3  # type: ignore[misc]
+
+
+# A small arch where every number can be written out by hand:
+# V=100, h=8, i=16, 2 layers, 2 heads, 1 kv head -> kv_dim = 4.
+# per layer: q 8*8+8=72, k 8*4+4=36, v 36, o 64, mlp 3*8*16=384, norms 16 -> 608
+#   of which linear weights 64+32+32+64+384 = 576, other (biases + norms) 16+16 = 32
+# root: embed 800 + final norm 8 + lm_head 800 (untied) = 1608; total P = 1608 + 2*608 = 2824
+SMALL = [
+    "model.arch.vocab_size=100", "model.arch.hidden_size=8", "model.arch.intermediate_size=16",
+    "model.arch.num_layers=2", "model.arch.num_heads=2", "model.arch.num_kv_heads=1",
+    "model.arch.tie_embeddings=false", "data.max_prompt_length=4", "data.max_length=10",
+    "train.micro_batch_size=3", "train.global_batch_size=12", "train.logprob_chunk_size=16",
+]  # fmt: skip
+P, LAYER, ROOT, TOKENS = 2824, 608, 1608, 3 * 10
+
+
+def small(*extra: str):
+    return compose(["hardware=h100x2", *SMALL, *extra])  # bf16 compute (2 bytes), 2 ranks
+
+
+def test_small_param_count():
+    assert param_count(small().model.arch) == P
+
+
+def test_small_estimate_full_shard_with_checkpointing():
+    est = estimate_memory(small("hardware.activation_checkpointing=true"), world_size=2)
+    # fp32 master shard 4P/2 + gathered bf16: two blocks + root params
+    assert est.weights == 4 * P // 2 + 2 * (2 * LAYER + ROOT)
+    assert est.gradients == 4 * P // 2
+    assert est.optimizer == 8 * P // 2
+    # saved block inputs: layers * tokens * h * 2 bytes; one block in full: 34 * tokens * h (bf16)
+    # logits: min(chunk 16, tokens 30) * V * 4 bytes * 2
+    assert est.activations == 2 * TOKENS * 8 * 2 + 34 * TOKENS * 8 + 16 * 100 * 4 * 2
+    assert est.total == est.weights + est.gradients + est.optimizer + est.activations
+    assert est.cpu_bytes == 0 and est.trainable_params == P
+
+
+def test_small_estimate_without_checkpointing():
+    est = estimate_memory(small("hardware.activation_checkpointing=false"), world_size=2)
+    assert est.activations == 2 * 34 * TOKENS * 8 + 16 * 100 * 4 * 2
+
+
+def test_fp32_compute_scales_activations_and_gathered_copy():
+    est = estimate_memory(small("hardware.param_dtype=float32", "hardware.activation_checkpointing=false"), 2)
+    assert est.weights == 4 * P // 2 + 4 * (2 * LAYER + ROOT)
+    assert est.activations == 2 * 34 * TOKENS * 8 * 2 + 16 * 100 * 4 * 2
+
+
+def test_cpu_offload_moves_sharded_state_to_cpu():
+    on_gpu = estimate_memory(small(), world_size=2)
+    off = estimate_memory(small("hardware.cpu_offload=true"), world_size=2)
+    assert off.gradients == 0 and off.optimizer == 0
+    assert off.weights == 2 * (2 * LAYER + ROOT)  # only the gathered bf16 copies stay
+    assert off.cpu_bytes == 4 * P // 2 + 4 * P // 2 + 8 * P // 2
+    assert off.total < on_gpu.total
+    assert off.cpu_bytes + off.total == on_gpu.total
+
+
+def test_zero2_like_holds_more_weights_than_full_shard():
+    zero2 = estimate_memory(small("hardware.reshard_after_forward=false"), world_size=2)
+    assert zero2.weights == 4 * P // 2 + 2 * P  # whole bf16 model stays gathered
+    # with 4 layers full shard gathers only 2 of them; ZeRO-2-like keeps all 4
+    p4 = ROOT + 4 * LAYER
+    full = estimate_memory(small("model.arch.num_layers=4", "hardware.reshard_after_forward=true"), 2)
+    zero2 = estimate_memory(small("model.arch.num_layers=4", "hardware.reshard_after_forward=false"), 2)
+    assert full.weights == 4 * p4 // 2 + 2 * (2 * LAYER + ROOT)
+    assert zero2.weights - full.weights == 2 * 2 * LAYER
+
+
+def test_lora_4bit_estimate():
+    cfg = small("hardware.lora.enabled=true", "hardware.lora.rank=2", "hardware.load_in_4bit=true",
+                "hardware.cpu_offload=false", "hardware.lora.target_modules=[q_proj,down_proj,not_a_module]")  # fmt: skip
+    # q_proj: 2*(8+8)=32, down_proj: 2*(16+8)=48 -> 80 per layer, 160 in all
+    assert lora_param_count(cfg.model.arch, 2, ["q_proj", "down_proj"]) == (160, [])
+    est = estimate_memory(cfg, world_size=2)
+    base_layer = 576 * 0.5 + 32 * 2  # NF4 linear weights + bf16 biases/norms
+    sharded = (2 * base_layer + ROOT * 2) / 2 + 4 * 160 / 2
+    gathered = 2 * (base_layer + 80 * 2) + ROOT * 2
+    assert est.weights == round(sharded + gathered)
+    assert est.gradients == 4 * 160 // 2 and est.optimizer == 8 * 160 // 2
+    assert est.trainable_params == 160
+    assert any("not_a_module" in n for n in est.notes)
+
+
+def test_format_table_fit_lines():
+    est = estimate_memory(small(), world_size=2)
+    assert "fits: yes" in format_table(est, 80)
+    tiny_gpu = est.total / GIB / 2
+    assert "fits: NO" in format_table(est, tiny_gpu)
+    assert "fits" not in format_table(est, 0)
+
+
+@pytest.mark.parametrize("hardware", group_options("hardware"))
+@pytest.mark.parametrize("model", group_options("model"))
+def test_every_profile_and_model_composes_and_formats(hardware, model):
+    cfg = compose([f"hardware={hardware}", f"model={model}"])
+    world = cfg.hardware.nproc_per_node
+    est = estimate_memory(cfg, world)
+    assert est.total > 0 and est.params > 0
+    table = format_table(est, cfg.hardware.gpu_memory_gib)
+    assert "total per device" in table
+    assert "batch semantics" in BatchPlan.from_config(cfg, world).format_table()
