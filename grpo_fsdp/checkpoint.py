@@ -35,22 +35,25 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from grpo_fsdp.cli import UserError
+from grpo_fsdp.faults import maybe_fault
 
-_ALLOWED_GLOBALS = {
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-    "torch.distributed.checkpoint.planner",
-    "torch",
-    "torch.serialization",
-    "collections",
-    "builtins",
-    "pathlib",
+# Whole modules whose classes are plain metadata records, plus single names elsewhere.
+_ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata"}
+_ALLOWED_NAMES = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+    *(("builtins", n) for n in ("set", "frozenset", "slice", "complex")),
 }
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if module in _ALLOWED_GLOBALS and not (module == "builtins" and name in ("eval", "exec", "getattr", "__import__", "open")):
+        allowed = module in _ALLOWED_MODULES or (module, name) in _ALLOWED_NAMES
+        if allowed or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a DCP checkpoint never does")
 
@@ -78,12 +81,6 @@ class TrainerState:
     python_rng: list
 
 
-def _fault(point: str) -> None:
-    """Fault injection for the crash-safety test: GRPO_FSDP_FAULT=<point> kills this process there."""
-    if os.environ.get("GRPO_FSDP_FAULT") == point:
-        os.kill(os.getpid(), 9)
-
-
 class Checkpointer:
     def __init__(self, root: str | Path, keep_last: int):
         self.root, self.keep_last = Path(root), keep_last
@@ -103,7 +100,7 @@ class Checkpointer:
         dist.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(str(partial)))
-        _fault("during_checkpoint_write")
+        maybe_fault("during_checkpoint_write", step)
         save_file(_rng_tensors(), str(partial / f"rng_rank{rank}.safetensors"))
         if rank == 0:
             state = TrainerState(step, data_position, _jsonable(scheduler.state_dict()), _to_lists(random.getstate()))

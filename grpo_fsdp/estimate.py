@@ -35,8 +35,8 @@ from grpo_fsdp.config import ArchConfig, Config
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # model=tiny takes its vocabulary from the project's byte-level tokenizer (vocab_size: 0): 256
-# bytes plus a few special tokens, rounded up. Only used when no vocab_size is passed in.
-TINY_VOCAB_FALLBACK = 512
+# bytes plus 3 special tokens (grpo_fsdp/tokenizer.py; a test keeps the two in step).
+TINY_VOCAB_FALLBACK = 259
 # Korthikanti et al. 2022, eq. (1): bytes of activations per token per hidden unit per layer,
 # 34*s*b*h + 5*a*s^2*b with 16-bit activations; flash/SDPA attention never stores the a*s^2 scores.
 KORTHIKANTI_BYTES_PER_TOKEN_HIDDEN = 34

@@ -8,7 +8,7 @@ import pytest
 
 from grpo_fsdp.cli import compose, group_options
 from grpo_fsdp.config import ArchConfig
-from grpo_fsdp.estimate import GIB, estimate_memory, format_table, lora_param_count, param_count
+from grpo_fsdp.estimate import GIB, TINY_VOCAB_FALLBACK, estimate_memory, format_table, lora_param_count, param_count
 from grpo_fsdp.plan import BatchPlan
 
 
@@ -28,6 +28,14 @@ def test_param_count_without_attention_bias_drops_qkv_biases():
     arch = ArchConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1)
     # kv_dim = 8/2*1 = 4; biases per layer: q 8 + k 4 + v 4 = 16
     assert param_count(arch) - param_count(arch, attention_bias=False) == 2 * 16
+
+
+def test_tiny_vocab_fallback_matches_tokenizer():
+    from grpo_fsdp.tokenizer import build_tiny_tokenizer
+
+    assert TINY_VOCAB_FALLBACK == len(build_tiny_tokenizer())
+    cfg = compose(["model=tiny"])
+    assert estimate_memory(cfg, 1).params == estimate_memory(cfg, 1, vocab_size=TINY_VOCAB_FALLBACK).params
 
 
 def test_plan_grad_accum_and_sft_semantics():

@@ -25,6 +25,7 @@ from grpo_fsdp.data.batching import global_batch_indices, split_for_rank
 from grpo_fsdp.data.loading import load_examples
 from grpo_fsdp.data.sft import collate, tokenize_sft
 from grpo_fsdp.export import export_hf
+from grpo_fsdp.faults import maybe_fault
 from grpo_fsdp.logging import gpu_metrics, make_logger, process_metrics
 from grpo_fsdp.models import build_policy, load_tokenizer
 from grpo_fsdp.plan import BatchPlan
@@ -114,6 +115,7 @@ def run(cfg: Config) -> int:
             return 0
         if done or (every and (step + 1) % every == 0):
             ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
+        maybe_fault("after_step", step + 1)
 
     # 5. export
     if cfg.checkpoint.export_hf:
