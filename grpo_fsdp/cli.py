@@ -64,6 +64,10 @@ def compose(overrides: Sequence[str] = ()) -> Config:
         msg = str(e).splitlines()[0]
         raise ConfigError(key, msg, "check the spelling and type of the override (see conf/ for the fields)") from None
     except HydraException as e:
+        cause = e.__cause__
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", ""):
+            fix = "check the field name in conf/ or grpo_fsdp/config.py" if "not in" in str(cause) else "give a value of the field's type"
+            raise ConfigError(cause.full_key, str(cause).splitlines()[0], fix) from None
         raise ConfigError("overrides", str(e).splitlines()[0], "check the override syntax: key=value, or +key=value for a new key") from None
     assert isinstance(cfg, Config)
     return cfg

@@ -40,7 +40,8 @@ def main(overrides: list[str]) -> int:
     world = launched_world_size() if "WORLD_SIZE" in os.environ else (cfg.hardware.nproc_per_node if cfg.dry_run else 1)
     validate(cfg, world, torch.cuda.is_available())
     if cfg.dry_run:
-        print(dry_run(cfg, world))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the tables
+            print(dry_run(cfg, world))
         return 0
     recipe = importlib.import_module(RECIPES[cfg.algo.name])
     try:
