@@ -1,0 +1,59 @@
+"""Model loading and the parallelize options, through the trainer as a user runs it."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SMALL, read_metrics, run_train
+
+FEW = [*SMALL, "train.max_steps=3"]
+
+
+def test_local_model_dir_loads_exactly_under_two_processes(tmp_path):
+    """meta init -> fully_shard -> rank 0 reads the files and broadcasts: the weights arrive intact."""
+    source = tmp_path / "source"
+    run_train([*FEW, f"run_dir={source}", "checkpoint.export_hf=true"])
+    # a second run from that directory with a learning rate too small to move any weight:
+    # what it exports must be bit-identical to what it loaded
+    again = tmp_path / "again"
+    run_train([*SMALL, "train.max_steps=1", f"model.path={source / 'hf'}", f"run_dir={again}", "optim.lr=1e-30",
+               "checkpoint.export_hf=true"], nproc=2)
+    a, b = load_file(str(source / "hf" / "model.safetensors")), load_file(str(again / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and its first loss is the trained model's loss (well below a fresh model's ln 259 = 5.56)
+    assert read_metrics(again)[0]["train/loss"] < read_metrics(source)[0]["train/loss"] - 0.2
+
+
+def test_activation_checkpointing_keeps_the_numbers(tmp_path):
+    plain, ac = tmp_path / "plain", tmp_path / "ac"
+    run_train([*FEW, f"run_dir={plain}"])
+    run_train([*FEW, f"run_dir={ac}", "hardware.activation_checkpointing=true"])
+    for x, y in zip(read_metrics(plain), read_metrics(ac)):
+        assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-6)
+        assert x["train/grad_norm"] == pytest.approx(y["train/grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_keep_the_numbers(tmp_path):  # ~70 s on 2 cores: inductor compiles C++
+    plain, comp = tmp_path / "plain", tmp_path / "compiled"
+    run_train([*FEW, f"run_dir={plain}"])
+    run_train([*FEW, f"run_dir={comp}", "hardware.compile=true", "hardware.activation_checkpointing=true"])
+    for x, y in zip(read_metrics(plain), read_metrics(comp)):
+        assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-5)
+
+
+def test_flash_attention_request_falls_back_to_sdpa_with_one_warning(capsys):
+    from grpo_fsdp.models import attention_backend
+
+    assert attention_backend("flash_attention_2", "cpu") == "sdpa"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "warning: FlashAttention-2 needs a CUDA device; using attn_implementation=sdpa"]
+    assert attention_backend("eager", "cpu") == "eager"
+
+
+def test_missing_model_dir_is_one_line(tmp_path):
+    proc = run_train([*FEW, f"model.path={tmp_path}/nothing/here"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: model.path: directory '{tmp_path}/nothing/here' does not exist; "
+        "point model.path at a saved model directory or a hub id like Qwen/Qwen2.5-1.5B"]
