@@ -119,6 +119,10 @@ def build_policy(cfg: ModelConfig, hw: HardwareConfig, tokenizer, dist_info, see
     from grpo_fsdp.parallelize import parallelize
     from grpo_fsdp.policy import Policy
 
+    if hw.lora.enabled or hw.load_in_4bit:
+        raise UserError("hardware.lora.enabled / hardware.load_in_4bit: LoRA and 4-bit training are not built yet "
+                        "(the gpu8gb profile only validates and estimates for now); set hardware.lora.enabled=false "
+                        "hardware.load_in_4bit=false, or use another profile")
     attn = attention_backend(hw.attn_implementation, dist_info.device.type)
     conf = hf_config(cfg, tokenizer, attn)
     full = full_state_dict(cfg, conf, seed) if dist_info.is_main else {}
