@@ -73,21 +73,26 @@ def compose(overrides: Sequence[str] = ()) -> Config:
     return cfg
 
 
+SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd"}
+
+
+def _is_secret(name) -> bool:
+    # whole words only: wandb_api_key and hf_token are secrets, tokenizer and keep_last are not
+    return bool(SECRET_WORDS & set(str(name).lower().replace("-", "_").split("_")))
+
+
+def redact(node):
+    """Replace the value of any non-empty field whose name looks like a secret (api_key, hf_token...)."""
+    if isinstance(node, dict):
+        return {k: ("<redacted>" if v and _is_secret(k) else redact(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact(v) for v in node]
+    return node
+
+
 def redacted_yaml(cfg: Config) -> str:
-    """The resolved config as YAML, with anything that looks like a secret replaced."""
-    tree = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-
-    def scrub(node):
-        if isinstance(node, dict):
-            return {
-                k: ("<redacted>" if any(s in k.lower() for s in ("key", "token", "secret", "password")) and v else scrub(v))
-                for k, v in node.items()
-            }
-        if isinstance(node, list):
-            return [scrub(v) for v in node]
-        return node
-
-    return OmegaConf.to_yaml(OmegaConf.create(scrub(tree)))
+    """The resolved config as YAML, secrets redacted: what `<run_dir>/config.yaml` holds."""
+    return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))))
 
 
 def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> None:
