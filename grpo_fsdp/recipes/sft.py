@@ -69,6 +69,7 @@ def run(cfg: Config) -> int:
     preempt = Preemption()
 
     # 4. train
+    began, losses = time.perf_counter(), []
     for step in range(start, t.max_steps):
         t0 = time.perf_counter()
         indices = global_batch_indices(lengths, t.global_batch_size, step, t.seed, t.group_by_length)
@@ -105,6 +106,7 @@ def run(cfg: Config) -> int:
             **gpu_metrics(d.local_rank if d.device.type == "cuda" else None),
         }
         logger.log(step + 1, metrics)
+        losses.append(metrics["train/loss"])
 
         done = step + 1 == t.max_steps
         every = cfg.checkpoint.every_steps
@@ -116,6 +118,10 @@ def run(cfg: Config) -> int:
         if done or (every and (step + 1) % every == 0):
             ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
         maybe_fault("after_step", step + 1)
+
+    if losses:
+        logger.print(f"sft: steps {start + 1}-{t.max_steps}, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+                     f"{time.perf_counter() - began:.0f} s; checkpoint in {ckpt.latest()}")
 
     # 5. export
     if cfg.checkpoint.export_hf:
