@@ -1,0 +1,356 @@
+"""Rewards for GRPO: math-verify correctness, an optional format reward and DAPO's soft overlong
+penalty, graded in persistent worker processes with a per-sample wall-clock timeout.
+
+    reward_i = w.correct * correct_i + w.format * format_i + w.overlong_penalty * overlong_i
+
+correct_i   math-verify equivalence of the completion's last \\boxed{...} with the gold answer
+            (so 0.5 = \\frac12, 18 = \\$18.00, 1,000 = 1000); with no box, an anchored answer
+            ("The answer is 72") in the last 1,000 characters is graded instead.
+format_i    exactly one, closed \\boxed{} near the end of a completion that was not truncated.
+overlong_i  DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), in [-1, 0].
+
+Why processes: sympy can spend minutes (or forever) on an adversarial answer such as
+\\boxed{9^{9^{9^{9}}}}, inside C code that no signal interrupts, and math-verify's own timeout
+uses signal.alarm, which works only in the main thread. So workers call math-verify with its
+timeout disabled and the parent enforces the wall clock: a sample past the timeout scores 0,
+counts in `timeouts`, and its worker is killed and replaced; the rest of the batch goes on.
+Departures: the penalty is added with a weight (DAPO adds it with weight 1), and a sample that
+times out or crashes keeps its overlong penalty (it does not depend on grading).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from functools import lru_cache
+from multiprocessing.connection import wait
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+from grpo_fsdp.data.math_dataset import last_boxed
+
+# math-verify warns once that its timeout is disabled; the parent's wall clock replaces it.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+_BOXED = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+# Without a box, only anchored answers ("the final answer is $18$"): a bare last number anywhere
+# in the text would reward a policy that sprays numbers.
+_ANCHORED = [
+    LatexExtractionConfig(try_extract_without_anchor=False, boxed_match_priority=0),
+    ExprExtractionConfig(try_extract_without_anchor=False),
+]
+_FALLBACK_TAIL = 1000  # characters searched for an anchored answer when there is no box
+_FORMAT_TAIL = 64  # characters allowed after the box ("$.", "The answer is ...") for format_ok
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """Weights of the reward terms; overlong_buffer is DAPO's L_cache, in tokens (0 = hard cut)."""
+
+    correct: float = 1.0
+    format: float = 0.0
+    overlong_penalty: float = 0.0
+    overlong_buffer: int = 0
+
+
+# ---------------------------------------------------------------- pure grading functions
+
+
+@lru_cache(maxsize=4096)  # each prompt's gold repeats G times per step and across epochs
+def _parse_gold(gold: str) -> list:
+    return parse(f"\\boxed{{{gold}}}", _BOXED, parsing_timeout=None)
+
+
+def _answer(completion: str) -> tuple[str, str]:
+    """What gets graded: ("box", last box content), ("tail", last chars) when there is no box at
+    all, or ("none", "") when the last box never closes: a cut-off answer must not score as an
+    earlier box that the anchored fallback would find."""
+    boxed = last_boxed(completion)
+    if boxed is not None:
+        return "box", boxed
+    if "\\boxed" in completion or "\\fbox" in completion:
+        return "none", ""
+    return "tail", completion[-_FALLBACK_TAIL:]
+
+
+def _grade_answer(kind: str, text: str, gold: str) -> tuple[bool, bool]:
+    """(correct, an answer was extracted); no timeout here, the caller bounds the wall clock."""
+    if kind == "box" and text.strip() and text.strip() == gold.strip():
+        return True, True  # identical strings: skip sympy (the common case once a policy learns)
+    if kind == "none":
+        return False, False
+    if kind == "box":
+        pred = parse(f"\\boxed{{{text}}}", _BOXED, parsing_timeout=None)
+    else:
+        pred = parse(text, _ANCHORED, parsing_timeout=None)
+    if not pred:
+        return False, False
+    gold_parsed = _parse_gold(gold)
+    if not gold_parsed:
+        raise ValueError(f"gold answer {gold!r} does not parse")
+    return bool(verify(gold_parsed, pred, timeout_seconds=None)), True
+
+
+def grade(completion: str, gold: str) -> float:
+    """1.0 if the completion's final answer is equivalent to gold, else 0.0 (in-process, no timeout)."""
+    try:
+        return float(_grade_answer(*_answer(completion), gold)[0])
+    except Exception:  # noqa: BLE001 (a grading crash is a wrong answer, counted by RewardScorer)
+        return 0.0
+
+
+def format_ok(completion: str) -> bool:
+    """Exactly one closed, non-empty \\boxed{} and at most a short tail of text after it."""
+    if completion.count("\\boxed") != 1 or "\\fbox" in completion:
+        return False
+    content = last_boxed(completion)
+    opening = completion.rfind("\\boxed") + len("\\boxed")
+    while opening < len(completion) and completion[opening] == " ":
+        opening += 1
+    if content is None or not content.strip() or completion[opening : opening + 1] != "{":
+        return False  # unclosed, empty, or the brace-less "\\boxed 5"
+    tail = completion[opening + len(content) + 2 :]  # after "{" + content + "}"
+    return len(tail.strip()) <= _FORMAT_TAIL
+
+
+def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
+    """DAPO eq. 13: 0 up to max_length - buffer, then linear down to -1 at max_length, -1 beyond."""
+    if length > max_length:
+        return -1.0
+    if buffer <= 0 or length <= max_length - buffer:
+        return 0.0
+    return ((max_length - buffer) - length) / buffer
+
+
+# ---------------------------------------------------------------- worker processes
+
+_READY = "ready"
+_OK, _NO_ANSWER, _ERROR, _TIMEOUT = "ok", "no_answer", "error", "timeout"
+
+
+def _worker_loop(conn) -> None:
+    """Grade (kind, answer text, gold) tasks from the pipe until None or the parent goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; no worker tracebacks
+    _parse_gold("1")  # import sympy/antlr and warm caches before saying ready (not billed to a sample)
+    conn.send(_READY)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            correct, extracted = _grade_answer(*task)
+            status = _OK if extracted else _NO_ANSWER
+        except Exception:  # noqa: BLE001 (RecursionError from deep nesting, sympy bugs, a bad gold)
+            correct, status = False, _ERROR
+        conn.send((status, correct))
+
+
+@dataclass
+class _Worker:
+    proc: mp.process.BaseProcess
+    conn: object
+    started: float
+    ready: bool = False
+
+
+@dataclass
+class ScoreResult:
+    """Per-sample rewards, correctness and format, with the step's failure counters."""
+
+    rewards: list[float]
+    correct: list[bool]
+    formatted: list[bool]
+    timeouts: int = 0
+    parse_failures: int = 0  # no extractable answer, or grading raised / crashed its worker
+    seconds: float = 0.0
+    statuses: list[str] = field(default_factory=list, repr=False)
+
+    def metrics(self) -> dict[str, float]:
+        n = max(len(self.rewards), 1)
+        return {
+            "reward/mean": sum(self.rewards) / n,
+            "reward/accuracy": sum(self.correct) / n,
+            "reward/format": sum(self.formatted) / n,
+            "reward/timeouts": float(self.timeouts),
+            "reward/parse_failures": float(self.parse_failures),
+            "perf/reward_seconds": self.seconds,
+        }
+
+
+class RewardScorer:
+    """A persistent pool of grading processes; `score` one step's completions at a time.
+
+    Workers are started with 'spawn' (or 'forkserver'), never 'fork': the trainer holds torch's
+    thread pools, a process group's communication threads and maybe a CUDA context, and fork
+    copies only the calling thread, so locks held by the others stay locked forever in the child
+    (and CUDA cannot be used in a forked child at all). Spawn starts a clean interpreter that
+    imports this module (and, by Python's spawn rules, re-imports the parent's __main__ module,
+    so keep entry points import-light). Workers start in the background at construction.
+    """
+
+    def __init__(
+        self,
+        weights: RewardWeights | None = None,
+        num_workers: int | None = None,
+        timeout_s: float = 5.0,
+        start_method: str = "spawn",
+        startup_timeout_s: float = 120.0,
+    ):
+        if start_method == "fork":
+            raise ValueError("RewardScorer: start_method='fork' is unsafe in a trainer; use 'spawn' or 'forkserver'")
+        self.weights = weights or RewardWeights()
+        self.timeout_s = timeout_s
+        self.startup_timeout_s = startup_timeout_s
+        self._ctx = mp.get_context(start_method)
+        n = num_workers or min(4, os.cpu_count() or 1)
+        self._workers: list[_Worker] = [self._spawn() for _ in range(n)]
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=_worker_loop, args=(child,), daemon=True, name="reward-worker")
+        proc.start()
+        child.close()  # so that the worker's death shows up as EOF on our end
+        return _Worker(proc, parent, time.monotonic())
+
+    def _replace(self, slot: int) -> None:
+        old = self._workers[slot]
+        old.proc.kill()  # SIGKILL: a worker stuck in C code ignores anything gentler
+        old.proc.join(timeout=5)
+        old.conn.close()
+        self._workers[slot] = self._spawn()
+
+    def _on_startup_problem(self, slot: int) -> None:
+        w = self._workers[slot]
+        if not w.proc.is_alive():
+            raise RuntimeError(f"reward worker exited with code {w.proc.exitcode} before it was ready (see its stderr)")
+        if time.monotonic() - w.started > self.startup_timeout_s:
+            raise RuntimeError(f"reward worker not ready after {self.startup_timeout_s:.0f} s")
+
+    def score(self, completions: list[str], golds: list[str], lengths: list[int], max_length: int) -> ScoreResult:
+        """Grade one step: rewards (weighted sum), correctness, format, and the failure counters."""
+        n = len(completions)
+        if not (len(golds) == n and len(lengths) == n):
+            raise ValueError(f"score: {n} completions, {len(golds)} golds, {len(lengths)} lengths; they must match")
+        if not self._workers:
+            raise RuntimeError("RewardScorer.score called after close()")
+        t0 = time.monotonic()
+        # Answers are extracted here (a C rfind, then a scan of the box only) and each distinct
+        # (answer, gold) is graded once: a group's G samples often agree, and a 1 MB completion
+        # never crosses a pipe.
+        keys = [(*_answer(c), g) for c, g in zip(completions, golds)]
+        unique = list(dict.fromkeys(keys))
+        graded = dict(zip(unique, self._run(unique)))
+        statuses = [graded[k][0] for k in keys]
+        correct = [graded[k][1] for k in keys]
+        # A truncated completion did not end properly, whatever its text looks like.
+        formatted = [length < max_length and format_ok(c) for c, length in zip(completions, lengths)]
+        w = self.weights
+        rewards = [
+            float(
+                w.correct * ok
+                + w.format * f
+                + w.overlong_penalty * overlong_penalty(length, max_length, w.overlong_buffer)
+            )
+            for ok, f, length in zip(correct, formatted, lengths)
+        ]
+        return ScoreResult(
+            rewards=rewards,
+            correct=correct,
+            formatted=formatted,
+            timeouts=statuses.count(_TIMEOUT),
+            parse_failures=statuses.count(_NO_ANSWER) + statuses.count(_ERROR),
+            seconds=time.monotonic() - t0,
+            statuses=statuses,
+        )
+
+    def _run(self, tasks: list[tuple[str, str, str]]) -> list[tuple[str, bool]]:
+        """(status, correct) per task; one task per worker at a time, each under a wall-clock deadline."""
+        outcome: list[tuple[str, bool]] = [(_ERROR, False)] * len(tasks)
+        todo, busy = deque(range(len(tasks))), {}  # busy: worker slot -> (task index, deadline)
+        while todo or busy:
+            for slot, w in enumerate(self._workers):
+                if todo and w.ready and slot not in busy:
+                    i = todo.popleft()
+                    try:
+                        w.conn.send(tasks[i])
+                    except OSError:  # died while idle: not this task's fault, retry it elsewhere
+                        todo.appendleft(i)
+                        self._replace(slot)
+                        continue
+                    busy[slot] = (i, time.monotonic() + self.timeout_s)
+            by_conn = {w.conn: s for s, w in enumerate(self._workers) if s in busy or not w.ready}
+            wake = min((d for _, d in busy.values()), default=time.monotonic() + 1.0)
+            for conn in wait(list(by_conn), timeout=max(0.0, wake - time.monotonic())):
+                slot = by_conn[conn]
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):  # the worker died: segfault, OOM kill, ...
+                    if slot not in busy:  # only workers not yet ready are watched while idle
+                        w = self._workers[slot]
+                        w.proc.join(timeout=5)
+                        raise RuntimeError(f"reward worker exited with code {w.proc.exitcode} before it was ready")
+                    outcome[busy.pop(slot)[0]] = (_ERROR, False)
+                    self._replace(slot)
+                    continue
+                if msg == _READY:
+                    self._workers[slot].ready = True
+                else:
+                    outcome[busy.pop(slot)[0]] = msg
+            now = time.monotonic()
+            for slot, (i, deadline) in list(busy.items()):
+                if now >= deadline:
+                    del busy[slot]
+                    outcome[i] = (_TIMEOUT, False)
+                    self._replace(slot)
+            for slot, w in enumerate(self._workers):
+                if not w.ready:
+                    self._on_startup_problem(slot)
+        return outcome
+
+    def close(self) -> None:
+        for w in self._workers:
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
+        for w in self._workers:
+            w.proc.join(timeout=2)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+            w.conn.close()
+        self._workers = []
+
+    def __enter__(self) -> RewardScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ConstantRewardWatch:
+    """Warns when every reward of a step was identical for k steps in a row (zero advantages)."""
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise ValueError(f"ConstantRewardWatch: k={k}; it must be >= 1")
+        self.k = k
+        self._streak = 0
+
+    def update(self, rewards: list[float]) -> str | None:
+        values = set(rewards)
+        self._streak = self._streak + 1 if len(values) == 1 else 0
+        if self._streak == 0 or self._streak % self.k:  # warn at k, 2k, ... rather than every step
+            return None
+        return (
+            f"all {len(rewards)} rewards were {rewards[0]} for {self._streak} steps in a row: "
+            "no learning signal; check the reward function/prompt format"
+        )
