@@ -120,6 +120,38 @@ class SFTConfig:
     loss_on_prompt: bool = False  # train on completion tokens only (the usual choice)
 
 
+@dataclass
+class GRPOConfig:
+    """GRPO (Shao et al. 2024, DeepSeekMath) with the variants people use; see algorithms/grpo.py.
+
+    One step = one rollout of `prompts_per_step x group_size` completions, then
+    `updates_per_rollout` passes over it in optimizer steps of `train.global_batch_size` completions.
+    """
+
+    name: str = "grpo"
+    prompts_per_step: int = 16  # prompts per rollout, over all ranks
+    group_size: int = 8  # G completions per prompt
+    updates_per_rollout: int = 1  # mu: passes over each rollout (old log-probs are recomputed when > 1 step)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    loss: str = "dapo"  # dapo (token mean over the step) | grpo | dr_grpo | bnpo
+    advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28  # clip-higher (DAPO); set 0.2 for the symmetric PPO clip
+    beta: float = 0.0  # KL(k3) to the reference model; the reference is loaded only when > 0
+    mask_truncated: bool = False  # DAPO overlong filtering: no loss on completions cut at max_new_tokens
+    filter_zero_variance: bool = False  # drop groups whose rewards are all equal (no signal)
+    reward_correct: float = 1.0
+    reward_format: float = 0.0
+    overlong_penalty: float = 0.0  # weight of DAPO's soft overlong punishment
+    overlong_buffer: int = 0
+    reward_timeout_s: float = 5.0  # wall clock per sample; a timeout scores 0 and is counted
+    reward_workers: int = 2
+    constant_reward_warn_steps: int = 5
+
+
 # --------------------------------------------------------------------------------------------
 # training loop, optimizer, checkpoints, logging
 # --------------------------------------------------------------------------------------------
@@ -176,7 +208,7 @@ class Config:
     dry_run: bool = False  # validate, print the batch table and memory estimate, exit
 
 
-ALGO_SCHEMAS: dict[str, type] = {"sft": SFTConfig}
+ALGO_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "grpo": GRPOConfig}
 
 
 def register_configs() -> None:
@@ -257,6 +289,8 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
         for op in a.ops:
             _choice("data.arithmetic.ops", op, ("+", "-", "*"))
 
+    if isinstance(cfg.algo, GRPOConfig):
+        _validate_grpo(cfg, world_size)
     _positive("train.max_steps", train.max_steps)
     _positive("train.micro_batch_size", train.micro_batch_size)
     _positive("train.global_batch_size", train.global_batch_size)
@@ -287,3 +321,29 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
         raise ConfigError("checkpoint.resume", f"{ck.resume!r} is not a checkpoint directory", "use none, auto, or the path of a step_* directory")
     if type(cfg.algo).__name__ not in {s.__name__ for s in ALGO_SCHEMAS.values()}:
         raise ConfigError("algo", f"unknown algorithm {cfg.algo!r}", f"choose one of {', '.join(ALGO_SCHEMAS)}")
+
+
+def _validate_grpo(cfg: Config, world_size: int) -> None:
+    g, t = cfg.algo, cfg.train
+    for name in ("prompts_per_step", "group_size", "updates_per_rollout", "max_new_tokens", "reward_workers"):
+        _positive(f"algo.{name}", getattr(g, name))
+    _positive("algo.reward_timeout_s", g.reward_timeout_s)
+    _choice("algo.loss", g.loss, ("dapo", "grpo", "dr_grpo", "bnpo"))
+    _choice("algo.advantage_scale", g.advantage_scale, ("group", "batch", "none"))
+    if g.group_size < 2:
+        raise ConfigError("algo.group_size", f"{g.group_size} leaves no group to compare against", "use algo.group_size >= 2")
+    if g.prompts_per_step % world_size:
+        raise ConfigError("algo.prompts_per_step", f"{g.prompts_per_step} prompts do not split over {world_size} ranks",
+                          f"use a multiple of {world_size}")
+    rollout = g.prompts_per_step * g.group_size
+    if rollout % t.global_batch_size:
+        raise ConfigError("train.global_batch_size", f"{t.global_batch_size} completions per optimizer step do not divide the "
+                          f"rollout of {g.prompts_per_step} prompts x {g.group_size} = {rollout}",
+                          f"use a divisor of {rollout}, e.g. train.global_batch_size={rollout}")
+    if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
+        raise ConfigError("algo.temperature", f"temperature={g.temperature}, top_p={g.top_p}, top_k={g.top_k}",
+                          "use temperature >= 0, top_p in (0, 1], top_k >= 0")
+    if not (0 <= g.clip_eps_low < 1 and g.clip_eps_high >= 0):
+        raise ConfigError("algo.clip_eps_low", f"clip range [{g.clip_eps_low}, {g.clip_eps_high}]", "use 0 <= clip_eps_low < 1, clip_eps_high >= 0")
+    if g.beta < 0:
+        raise ConfigError("algo.beta", f"must be >= 0, got {g.beta}", "use 0 to train without a reference model")

@@ -91,3 +91,11 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor(int(flag), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_gather_tensor(t: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Every rank's copy of an equally shaped tensor, in rank order (on the CPU)."""
+    t = t.to(device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [x.cpu() for x in out]

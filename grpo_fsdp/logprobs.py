@@ -13,9 +13,12 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, with_entropy: bool):
+def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, with_entropy: bool,
+           temperature: float):
     # hidden [n, H], weight [V, H], targets [n] -> logp [n], entropy [n] (or empty)
     logits = torch.nn.functional.linear(hidden, weight, bias).float()  # [n, V]
+    if temperature != 1.0:  # the sampler's distribution: log-probs of logits / T (GRPO ratios)
+        logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)  # [n]
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     if not with_entropy:
@@ -32,6 +35,7 @@ def chunked_token_logprobs(
     chunk_size: int,
     bias: torch.Tensor | None = None,
     with_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(targets | hidden) and, optionally, the entropy of each token's distribution.
 
@@ -41,7 +45,7 @@ def chunked_token_logprobs(
     logps, entropies = [], []
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for start in range(0, hidden.shape[0], chunk_size):
-        args = (hidden[start : start + chunk_size], weight, bias, targets[start : start + chunk_size], with_entropy)
+        args = (hidden[start : start + chunk_size], weight, bias, targets[start : start + chunk_size], with_entropy, temperature)
         if needs_grad:
             logp, ent = checkpoint(_chunk, *args, use_reentrant=False)
         else:

@@ -48,10 +48,25 @@ def _sft_shape(cfg: Config) -> _BatchShape:
     )
 
 
-# algo name -> batch shape. A new algorithm adds one entry, e.g. for GRPO:
-#   G = cfg.algo.group_size; prompts = global_batch_size // G; sequences = global_batch_size
-#   (or prompts * G * optimizer steps, whichever the GRPO schema defines as its batch).
-_SEMANTICS: dict[str, Callable[[Config], _BatchShape]] = {"sft": _sft_shape}
+def _grpo_shape(cfg: Config) -> _BatchShape:
+    # One rollout of prompts x G completions, consumed mu times in optimizer steps of global_batch_size.
+    g = cfg.algo
+    rollout = g.prompts_per_step * g.group_size
+    denominators = {"dapo": "completion tokens in the optimizer step, all-reduced",
+                    "bnpo": "completion tokens in the optimizer step, all-reduced",
+                    "grpo": "completions in the optimizer step (each a token mean), all-reduced",
+                    "dr_grpo": "completions in the optimizer step x algo.max_new_tokens"}
+    return _BatchShape(
+        prompts_per_step=g.prompts_per_step,
+        sequences_per_step=rollout * g.updates_per_rollout,
+        loss_denominator=denominators[g.loss],
+        optimizer_steps_per_batch=rollout * g.updates_per_rollout // cfg.train.global_batch_size,
+        samples_per_prompt=g.group_size,
+    )
+
+
+# algo name -> batch shape. A new algorithm adds one entry.
+_SEMANTICS: dict[str, Callable[[Config], _BatchShape]] = {"sft": _sft_shape, "grpo": _grpo_shape}
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class Policy(nn.Module):
         attention_mask: torch.Tensor,  # [B, L], 1 = real token (right padding)
         target_mask: torch.Tensor,  # [B, L-1] bool: score token t+1 given tokens <= t
         with_entropy: bool = False,
+        temperature: float = 1.0,  # GRPO scores tokens under the sampler's logits / T
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropies) of the target tokens -> ([B, L-1], [B, L-1] | None), 0 off-target.
 
@@ -44,7 +45,8 @@ class Policy(nn.Module):
         sel = target_mask.nonzero(as_tuple=True)  # (rows, cols) of predicted positions
         targets = input_ids[:, 1:][sel]  # [M]
         logp, ent = chunked_token_logprobs(
-            hidden[:, :-1][sel], self.lm_head.weight, targets, self.chunk_size, getattr(self.lm_head, "bias", None), with_entropy
+            hidden[:, :-1][sel], self.lm_head.weight, targets, self.chunk_size, getattr(self.lm_head, "bias", None), with_entropy,
+            temperature,
         )
         dense = hidden.new_zeros(target_mask.shape, dtype=torch.float32).index_put(sel, logp)
         dense_ent = None if ent is None else hidden.new_zeros(target_mask.shape, dtype=torch.float32).index_put(sel, ent)

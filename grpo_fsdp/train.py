@@ -16,7 +16,7 @@ import sys
 from grpo_fsdp.cli import compose, run_main
 from grpo_fsdp.config import Config, validate
 
-RECIPES = {"sft": "grpo_fsdp.recipes.sft"}
+RECIPES = {"sft": "grpo_fsdp.recipes.sft", "grpo": "grpo_fsdp.recipes.grpo"}
 
 
 def dry_run(cfg: Config, world_size: int) -> str:

@@ -1,0 +1,289 @@
+"""The rollout engine on plain transformers: batched sampling with a KV cache, on any device.
+
+`HFEngine` holds its own unsharded copy of the network (built from the config, weights pushed in
+by `load_weights`) and decodes all prompts x G together, left-padded, one token per step:
+
+    prefill   each distinct prompt once, then the cache rows are copied G times (GRPO samples G
+              completions of the same prompt; prefilling them G times would waste G-1 passes)
+    decode    feed the last token of every live row with its own position id (left padding shifts
+              each row's positions), sample in fp32 with our own loop, record the log-prob
+    finish    a row that emits a stop token is done; once a quarter of the batch is done the done
+              rows are dropped from the batch and the cache (one gather, about the cost of one
+              DynamicCache step, which copies the whole cache anyway by concatenation)
+
+The sampler is ours rather than `model.generate` because the engine must report the log-prob of
+each sampled token under the temperature-scaled, *untruncated* distribution (see
+`base.Completion`), and `generate`'s processors hand back only the truncated scores.
+
+`static_cache=True` preallocates a `StaticCache` (no per-step concatenation, fixed shapes) and
+`compile=True` additionally runs the one-token decode step through `torch.compile`. Static mode
+prefills every row (a static cache cannot be regrown to G rows) and never compacts the batch.
+
+Departures from vLLM: no paged attention or continuous batching, so a batch runs until its
+longest completion ends (compaction only reduces the work of finished rows); the sampler's random
+stream depends on the batch layout, so the same seed gives the same samples only for the same
+prompts, G, max_batch_size and device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, StaticCache
+
+from grpo_fsdp.rollout.base import Completion, GenerationStats, SamplingConfig
+
+# Wrapper segments that torch.compile / activation checkpointing insert into parameter names.
+_WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def stop_token_ids(tokenizer, config: PretrainedConfig | None = None) -> list[int]:
+    """The tokenizer's EOS plus the model config's eos id(s) (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>)."""
+    ids = [tokenizer.eos_token_id]
+    conf_eos = getattr(config, "eos_token_id", None) if config is not None else None
+    ids += conf_eos if isinstance(conf_eos, (list, tuple)) else [conf_eos]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def truncate_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k, then top-p over what is left: dropped entries set to -inf. scaled [B, V] -> [B, V]."""
+    if 0 < top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # keep a token while the mass above it is < top_p
+        drop_sorted = mass_before >= top_p
+        drop_sorted[:, 0] = False  # the most likely token always survives
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled
+
+
+def draw_noise(rows: int, vocab: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Exp(1) noise for the exponential race, [rows, vocab]; never 0, so p / noise has no 0/0."""
+    noise = torch.empty((rows, vocab), dtype=torch.float32, device=device).exponential_(generator=generator)
+    return noise.clamp_(min=torch.finfo(torch.float32).tiny)
+
+
+def sample_next(logits: torch.Tensor, sampling: SamplingConfig, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its log-prob (see `base.Completion`). logits [B, V] fp32 -> ([B] long, [B] fp32).
+
+    Sampling is the exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) iid picks v with
+    probability p_v, the same distribution as `torch.multinomial`. It is used because the noise
+    can be drawn for the whole batch each step and indexed by row, so dropping finished rows
+    (or decoding with a static cache) does not shift the random stream of the others.
+    """
+    if sampling.greedy:
+        tokens = logits.argmax(dim=-1)
+        logp = logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+        return tokens, logp
+    scaled = logits / sampling.temperature  # [B, V]
+    kept = truncate_logits(scaled, sampling.top_k, sampling.top_p)
+    tokens = (kept.softmax(dim=-1) / noise).argmax(dim=-1)  # [B]
+    logp = scaled.gather(-1, tokens[:, None]).squeeze(-1) - scaled.logsumexp(dim=-1)  # untruncated
+    return tokens, logp
+
+
+class HFEngine:
+    """`RolloutEngine` on a transformers causal LM; see the module docstring.
+
+    config: the transformers config (e.g. `models.hf_config(...)`); the network is built from it
+        with random weights, so real weights must arrive through `load_weights` before use.
+    eos_token_ids: the stop token(s) (`stop_token_ids(tokenizer, config)`).
+    pad_token_id: fed to finished rows and used for left padding (never attended); default: first eos.
+    max_batch_size: at most this many sequences decode together (None: all prompts x n at once).
+    """
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        eos_token_ids: int | Sequence[int],
+        pad_token_id: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_batch_size: int | None = None,
+        static_cache: bool = False,
+        compile: bool = False,
+    ):
+        eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+        if not eos:
+            raise ValueError("HFEngine: eos_token_ids is empty; generation could never stop early")
+        if compile and not static_cache:
+            raise ValueError("HFEngine: compile=True needs static_cache=True (a growing cache recompiles every step)")
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.eos_token_ids = eos
+        self.pad_token_id = eos[0] if pad_token_id is None else pad_token_id
+        self.max_batch_size = max_batch_size
+        self.static_cache = static_cache
+        with torch.device(self.device):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model.eval().requires_grad_(False)
+        # name -> Parameter (tied names map to the same object) or persistent buffer
+        self._targets: dict[str, torch.Tensor] = self.model.state_dict(keep_vars=True)
+        self._params = {id(p): p for p in self.model.parameters()}  # unique parameters
+        self._shapes = {key: p.shape for key, p in self._params.items()}
+        self._missing: set[int] = set()  # parameters without valid data (after sleep(2))
+        self._asleep = 0  # 0 awake, else the sleep level
+        self._eos = torch.tensor(eos, device=self.device)
+        self._step = torch.compile(self._forward_last, dynamic=None) if compile else self._forward_last
+        self.last_stats = GenerationStats()
+        self.total_stats = GenerationStats()
+
+    # -- weights and memory ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._require_awake("load_weights")
+        for name, tensor in named_tensors:
+            for seg in _WRAPPER_SEGMENTS:
+                name = name.replace(seg, "")
+            target = self._targets.get(name)
+            if target is None:
+                raise KeyError(f"HFEngine.load_weights: {type(self.model).__name__} has no weight named {name!r}")
+            if hasattr(tensor, "full_tensor"):  # a DTensor shard: gather it (collective on every rank)
+                tensor = tensor.full_tensor()
+            if tensor.shape != target.shape:
+                raise ValueError(f"HFEngine.load_weights: {name} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(target.shape)}")
+            target.copy_(tensor)  # converts dtype and device
+            self._missing.discard(id(target))
+
+    def sleep(self, level: int = 1) -> None:
+        if level not in (1, 2):
+            raise ValueError(f"HFEngine.sleep: level={level} must be 1 (offload) or 2 (discard)")
+        if self._asleep >= level:
+            return
+        for key, p in self._params.items():
+            if level == 2:  # keep the Parameter objects (ties, name map) and drop only their storage
+                p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+                self._missing.add(key)
+            elif self.device.type != "cpu":  # level 1 on an accelerator: park in (pinned) host memory
+                host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+                p.data = host.copy_(p.data)
+        self._asleep = level
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        if not self._asleep:
+            return
+        for key, p in self._params.items():
+            if key in self._missing:
+                p.data = torch.empty(self._shapes[key], dtype=p.dtype, device=self.device)
+            elif p.device != self.device:
+                p.data = p.data.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":  # the pinned host copies may be reused once the copies are done
+            torch.cuda.current_stream(self.device).synchronize()
+        self._asleep = 0
+
+    def _require_awake(self, what: str) -> None:
+        if self._asleep:
+            raise RuntimeError(f"HFEngine.{what}: the engine is asleep (level {self._asleep}); call wake_up() first")
+
+    # -- generation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
+        self._require_awake("generate")
+        if self._missing:
+            raise RuntimeError(f"HFEngine.generate: {len(self._missing)} weights were discarded by sleep(level=2) "
+                               "and not reloaded; call load_weights with the full state dict first")
+        vocab = self.model.config.vocab_size
+        for i, p in enumerate(prompts):
+            if not p or min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"HFEngine.generate: prompt {i} is empty or has token ids outside [0, {vocab})")
+        start = time.perf_counter()
+        stats = GenerationStats(calls=1)
+        generator = torch.Generator(device=self.device)
+        if sampling.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(sampling.seed)
+        owners = [i for i in range(len(prompts)) for _ in range(sampling.n)]  # prompt index of each sequence
+        chunk = self.max_batch_size or max(len(owners), 1)
+        completions: list[Completion] = []
+        for lo in range(0, len(owners), chunk):
+            completions += self._generate_chunk(prompts, owners[lo : lo + chunk], sampling, generator, stats)
+        stats.seconds = time.perf_counter() - start
+        self.last_stats = stats
+        self.total_stats.add(stats)
+        return completions
+
+    def _forward_last(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()  # [B, V]
+
+    def _generate_chunk(self, prompts, owners: list[int], sampling: SamplingConfig, generator, stats) -> list[Completion]:
+        dev, pad, max_new = self.device, self.pad_token_id, sampling.max_new_tokens
+        # Rows to prefill: each distinct prompt once (dynamic cache) or every sequence (static cache).
+        distinct = list(dict.fromkeys(owners))
+        prefill_owners = owners if self.static_cache else distinct
+        lengths = [len(prompts[i]) for i in prefill_owners]
+        P = max(lengths)
+        total_len = P + max_new
+        if self.static_cache:  # round up so that compiled shapes repeat across calls
+            total_len = -(-total_len // 64) * 64
+        ids = torch.full((len(prefill_owners), P), pad, dtype=torch.long)
+        mask = torch.zeros((len(prefill_owners), total_len), dtype=torch.long)
+        for r, (i, n) in enumerate(zip(prefill_owners, lengths)):
+            ids[r, P - n :] = torch.tensor(prompts[i])
+            mask[r, P - n :] = 1  # prompt tokens and every future position (causality hides the future)
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first token
+        next_pos = torch.tensor(lengths, device=dev)  # position id of the next token, per row
+
+        t0 = time.perf_counter()
+        if self.static_cache:
+            cache = StaticCache(config=self.model.config, max_cache_len=total_len)
+            logits = self._forward_last(ids, mask, pos, cache)
+        else:
+            cache = DynamicCache(config=self.model.config)
+            logits = self._forward_last(ids, mask[:, :P], pos, cache)  # [distinct, V]
+            row_of = {i: r for r, i in enumerate(distinct)}
+            expand = torch.tensor([row_of[i] for i in owners], device=dev)  # [B] prefill row of each sequence
+            cache.batch_select_indices(expand)  # copies each prompt's cache rows G times
+            logits, mask, next_pos = logits[expand], mask[expand], next_pos[expand]
+        stats.prefill_seconds += time.perf_counter() - t0
+
+        B = len(owners)
+        tokens = torch.full((B, max_new), pad, dtype=torch.long, device=dev)
+        logps = torch.zeros((B, max_new), dtype=torch.float32, device=dev)
+        n_tokens = torch.full((B,), max_new, dtype=torch.long, device=dev)
+        stopped = torch.zeros(B, dtype=torch.bool, device=dev)
+        rows = torch.arange(B, device=dev)  # original row of each live batch row
+        done = torch.zeros(B, dtype=torch.bool, device=dev)  # per live batch row
+        for t in range(max_new):
+            noise = None if sampling.greedy else draw_noise(B, logits.shape[-1], generator, dev)[rows]
+            tok, lp = sample_next(logits, sampling, noise)  # [b], [b]
+            tokens[rows, t], logps[rows, t] = tok, lp  # rows already done write past their end: trimmed below
+            hit = torch.isin(tok, self._eos) & ~done
+            n_tokens[rows] = torch.where(hit, t + 1, n_tokens[rows])
+            stopped[rows] |= hit
+            done |= hit
+            live = int((~done).sum())  # the one host sync per step
+            if live == 0 or t + 1 == max_new:
+                break
+            if not self.static_cache and live <= 0.75 * done.numel():
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, done, tok, mask, next_pos = rows[keep], done[keep], tok[keep], mask[keep], next_pos[keep]
+            feed = torch.where(done, pad, tok)[:, None]  # finished rows read padding; their output is ignored
+            step_mask = mask if self.static_cache else mask[:, : P + t + 1]
+            logits = self._step(feed, step_mask, next_pos[:, None], cache)
+            next_pos = next_pos + 1
+
+        tokens_l, logps_l, n_l, stop_l = tokens.tolist(), logps.tolist(), n_tokens.tolist(), stopped.tolist()
+        stats.sequences += B
+        stats.prompt_tokens += sum(len(prompts[i]) for i in owners)
+        stats.generated_tokens += sum(n_l)
+        return [
+            Completion(owners[r], tokens_l[r][: n_l[r]], logps_l[r][: n_l[r]], "stop" if stop_l[r] else "length")
+            for r in range(B)
+        ]
