@@ -93,3 +93,17 @@ def test_bad_config_from_the_shell_has_no_traceback():
     assert proc.stderr.strip().splitlines() == [
         "error: train.global_batch_size: 30 is not divisible by micro_batch_size 8 x world size 1 = 8; "
         "use a multiple of 8, e.g. train.global_batch_size=24"]
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_experiment_preset_composes_and_validates(experiment):
+    cfg = compose([f"experiment={experiment}", "dry_run=true"])
+    validate(cfg, world_size=cfg.hardware.nproc_per_node, cuda_available=False)
+    assert "GiB" in dry_run(cfg, cfg.hardware.nproc_per_node)
+
+
+def test_seed_recipes_keep_their_numbers():
+    h100 = compose(["experiment=qwen2.5-math-1.5b-h100x2"])
+    assert (h100.algo.group_size, h100.optim.lr, h100.train.max_steps, h100.hardware.name) == (8, 1e-5, 200, "h100x2")
+    ds = compose(["experiment=deepseek7b-direct-grpo"])
+    assert ds.hardware.load_in_4bit and ds.train.global_batch_size % ds.algo.group_size == 0
