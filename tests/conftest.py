@@ -62,3 +62,17 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data is absent (a fresh clone without the shared folder)")
     return path
+
+
+# A toy task for the SMALL model: sums of 2-3 operands in 0..9, no instruction after the question.
+TOY = ["data.arithmetic.max_operand=9", "data.arithmetic.ops=[+]", "data.arithmetic.num_train=256", "data.arithmetic.num_test=50",
+       "data.instruction=''"]
+
+
+@pytest.fixture(scope="session")
+def sft_tiny(tmp_path_factory) -> Path:
+    """The SMALL model after SFT on TOY, exported as a Hugging Face directory (the GRPO tests' start)."""
+    run_dir = tmp_path_factory.mktemp("sft_tiny") / "run"
+    run_train([*SMALL, *TOY, f"run_dir={run_dir}", "train.max_steps=80", "train.global_batch_size=16", "train.micro_batch_size=16",
+               "optim.lr=3e-3", "checkpoint.export_hf=true"])
+    return run_dir / "hf"

@@ -6,9 +6,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import SMALL, read_metrics, run_train, start_train
+from safetensors.torch import load_file
 
 N = 3  # steps before the kill; the straight run does 2N
 

@@ -3,7 +3,6 @@ losses and gradient norms, also with another micro-batch size. This holds becaus
 divided by the all-reduced target-token count and FSDP sums (not averages) gradients."""
 
 import pytest
-
 from conftest import SMALL, read_metrics, run_train
 
 pytestmark = pytest.mark.distributed

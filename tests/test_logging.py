@@ -1,5 +1,7 @@
 """Tests for grpo_fsdp.logging: metrics.jsonl contents and resume, key namespacing, config.yaml,
-W&B offline runs that resume under one id, and the no-GPU / non-zero-rank no-op paths."""
+W&B offline runs that resume under one id, eval rows, the per-rank system metrics (with a fake NVML
+and without one), and what a non-zero rank's logger does alone. The two-rank shared run is in
+test_shared_wandb.py."""
 
 from __future__ import annotations
 
@@ -11,13 +13,16 @@ import types
 import pytest
 
 from grpo_fsdp import logging as runlog
+from grpo_fsdp import system_metrics
 from grpo_fsdp.config import LoggingConfig
 
 CONFIG_YAML = "model:\n  name: tiny\ntrain:\n  max_steps: 10\n  lr: 0.001\n"
 
 
-def _read(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def _read(path, keep_system=False):
+    """metrics.jsonl rows; without the system/rank0/ keys every rank's log call adds, unless asked."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return rows if keep_system else [{k: v for k, v in r.items() if not k.startswith("system/rank0/")} for r in rows]
 
 
 def _logger(run_dir, start_step=0, **cfg):
@@ -118,45 +123,67 @@ def test_wandb_offline_run_resumes_same_id(tmp_path, monkeypatch):
 
 
 def test_gpu_metrics_empty_without_gpu(monkeypatch):
-    monkeypatch.setattr(runlog, "_nvml_ok", None)  # re-run the init whatever earlier tests did
-    if runlog._nvml() is not None:
+    monkeypatch.setattr(system_metrics, "_nvml_ok", None)  # re-run the init whatever earlier tests did
+    if system_metrics._nvml() is not None:
         pytest.skip("NVML and a GPU are available on this machine")
-    monkeypatch.setattr(runlog, "_nvml_ok", None)
+    monkeypatch.setattr(system_metrics, "_nvml_ok", None)
     assert runlog.gpu_metrics(None) == {}
-    assert runlog._nvml_ok is False  # the failure is cached ...
+    assert system_metrics._nvml_ok is False  # the failure is cached ...
     assert runlog.gpu_metrics(0) == {}  # ... and later calls stay quiet and cheap
 
 
-def test_gpu_metrics_with_fake_nvml(monkeypatch):
+def test_rank_metrics_without_pynvml(monkeypatch):
+    """No pynvml module at all (a CPU install): no GPU keys, no error, process metrics still there."""
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` now raises ImportError
+    monkeypatch.setattr(system_metrics, "_nvml_ok", None)
+    m = runlog.rank_metrics(3, 0)
+    assert not any("gpu" in k for k in m)
+    assert m["system/rank3/rss_gib"] > 0 and all(k.startswith("system/rank3/") for k in m)
+    assert system_metrics._nvml_ok is False
+
+
+class FakeNVML(types.ModuleType):
+    """pynvml for 4 GPUs: device h uses (h+1) GiB of 80 GiB, runs at 50+h % and draws 300 W
+    (reported in milliwatts); device 1 cannot report power, as on some MIG slices."""
+
+    NVMLError = type("NVMLError", (Exception,), {})
+
+    def __init__(self):
+        super().__init__("pynvml")
+        self.queried = []
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 4
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        self.queried.append(i)
+        return i
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return types.SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30)
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return types.SimpleNamespace(gpu=50 + h)
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        if h == 1:
+            raise self.NVMLError("NVML_ERROR_NOT_SUPPORTED")
+        return 300_000  # milliwatts
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    nvml = FakeNVML()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(system_metrics, "_nvml_ok", None)
+    return nvml
+
+
+def test_gpu_metrics_with_fake_nvml(fake_nvml, monkeypatch):
     """Units, key names and the CUDA_VISIBLE_DEVICES -> NVML index mapping, without a GPU."""
-    queried = []
-
-    class FakeNVML(types.ModuleType):
-        NVMLError = type("NVMLError", (Exception,), {})
-
-        def nvmlInit(self):
-            pass
-
-        def nvmlDeviceGetCount(self):
-            return 4
-
-        def nvmlDeviceGetHandleByIndex(self, i):
-            queried.append(i)
-            return i
-
-        def nvmlDeviceGetMemoryInfo(self, h):
-            return types.SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30)
-
-        def nvmlDeviceGetUtilizationRates(self, h):
-            return types.SimpleNamespace(gpu=50 + h)
-
-        def nvmlDeviceGetPowerUsage(self, h):
-            if h == 1:
-                raise self.NVMLError("NVML_ERROR_NOT_SUPPORTED")  # e.g. a MIG slice
-            return 300_000  # milliwatts
-
-    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML("pynvml"))
-    monkeypatch.setattr(runlog, "_nvml_ok", None)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
     assert runlog.gpu_metrics(0) == {
         "system/gpu0/memory_used_gib": 4.0,
@@ -165,8 +192,37 @@ def test_gpu_metrics_with_fake_nvml(monkeypatch):
         "system/gpu0/power_w": 300.0,
     }
     m = runlog.gpu_metrics(None)
-    assert queried == [3, 3, 1]  # CUDA index 1 is physical GPU 1 here; 0 is physical 3
+    assert fake_nvml.queried == [3, 3, 1]  # CUDA index 1 is physical GPU 1 here; 0 is physical 3
     assert m["system/gpu1/memory_used_gib"] == 2.0 and "system/gpu1/power_w" not in m
+
+
+def test_rank_metrics_with_fake_nvml(fake_nvml, monkeypatch):
+    """Rank 1 trains on CUDA device 1, which CUDA_VISIBLE_DEVICES=2,0 maps to physical GPU 0."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    m = runlog.rank_metrics(1, 1)
+    gpu = {k: v for k, v in m.items() if "/gpu_" in k}
+    assert gpu == {
+        "system/rank1/gpu_memory_used_gib": 1.0,  # (0 + 1) * 2**30 bytes
+        "system/rank1/gpu_memory_total_gib": 80.0,  # 80 * 2**30 bytes
+        "system/rank1/gpu_utilization_pct": 50.0,
+        "system/rank1/gpu_power_w": 300.0,  # 300_000 mW
+    }
+    assert fake_nvml.queried == [0]
+    assert m["system/rank1/rss_gib"] > 0
+    # Physical GPU 1 has no power reading: that key alone is missing. A CPU rank has no GPU keys.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert "system/rank0/gpu_power_w" not in runlog.rank_metrics(0, 0)
+    assert runlog.rank_metrics(0, 0)["system/rank0/gpu_memory_used_gib"] == 2.0
+    assert not any("gpu" in k for k in runlog.rank_metrics(0, None))
+
+
+def test_log_adds_this_ranks_system_metrics(tmp_path, fake_nvml, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with runlog.RunLogger(tmp_path, LoggingConfig(progress_bar=False), "", 10, "t", 1, gpu_index=2) as lg:
+        lg.log(1, {"train/loss": 1.0})
+    (row,) = _read(tmp_path / "metrics.jsonl", keep_system=True)
+    assert row["system/rank0/gpu_memory_used_gib"] == 3.0 and row["system/rank0/gpu_power_w"] == 300.0
+    assert row["system/rank0/rss_gib"] > 0
 
 
 def test_process_metrics():
@@ -175,16 +231,46 @@ def test_process_metrics():
     assert all(k.startswith("system/") for k in m)
 
 
-def test_null_logger_is_a_no_op(tmp_path, capsys):
+def test_log_eval_writes_its_own_line(tmp_path):
+    with _logger(tmp_path, progress_bar=False) as lg:
+        lg.log(2, {"train/loss": 0.5})
+        lg.log_eval(2, {"eval/gsm8k/accuracy": 0.25})
+        with pytest.raises(ValueError, match="only eval/"):
+            lg.log_eval(2, {"train/loss": 0.5})
+    assert _read(tmp_path / "metrics.jsonl") == [
+        {"step": 2, "train/loss": 0.5},
+        {"step": 2, "eval/gsm8k/accuracy": 0.25},
+    ]
+
+
+def test_other_rank_alone_writes_nothing(tmp_path, capsys):
+    """Without a process group (and without W&B) a rank-1 logger validates keys and keeps nothing."""
     lg = runlog.make_logger(
-        1, run_dir=tmp_path / "never", cfg=LoggingConfig(), config_yaml="", total_steps=1, run_name="x", world_size=2
+        1,
+        run_dir=tmp_path / "never",
+        cfg=LoggingConfig(wandb=True),
+        config_yaml="",
+        total_steps=1,
+        run_name="x",
+        world_size=2,
     )
-    assert isinstance(lg, runlog.NullLogger)
+    assert isinstance(lg, runlog.RankLogger) and lg.wandb_run_id is None
     with lg:
-        lg.log(0, {"not namespaced": 1.0})  # no validation either: rank 0 catches key mistakes
+        lg.log(1, {"train/loss": 1.0, "eval/x/accuracy": 0.5})
+        lg.log_eval(1, {"eval/x/accuracy": 0.5})
         lg.print("hidden")
+        with pytest.raises(ValueError, match="namespaced"):
+            lg.log(2, {"not namespaced": 1.0})  # every rank checks keys, before any collective
     lg.close()
     assert not (tmp_path / "never").exists()
+    assert capsys.readouterr().out == ""
+
+
+def test_null_logger_is_a_no_op(capsys):
+    with runlog.NullLogger() as lg:
+        lg.log(0, {"not namespaced": 1.0})
+        lg.log_eval(0, {"eval/x": 1.0})
+        lg.print("hidden")
     assert capsys.readouterr().out == ""
 
 

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import SMALL, read_metrics, run_train
+from safetensors.torch import load_file
 
 FEW = [*SMALL, "train.max_steps=3"]
 

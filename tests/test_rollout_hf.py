@@ -264,3 +264,20 @@ def test_stats_and_config_validation(engine):
         SamplingConfig(n=1, top_p=0.0)
     with pytest.raises(ValueError, match="prompt 0"):
         engine.generate([[]], greedy())
+
+
+# (h) the samples of a prompt depend on (seed, key, j) only: not on its batch neighbours or chunking
+def test_samples_do_not_depend_on_batch_layout(engine):
+    sampling = SamplingConfig(n=3, temperature=1.0, max_new_tokens=12, seed=21)
+    whole = engine.generate(PROMPTS, sampling, keys=[10, 11, 12, 13])
+    alone = [engine.generate([PROMPTS[i]], sampling, keys=[10 + i]) for i in range(len(PROMPTS))]
+    reordered = engine.generate(PROMPTS[::-1], sampling, keys=[13, 12, 11, 10])
+    chunked = HFEngine(tiny_config(), [EOS], PAD, max_batch_size=2)
+    chunked.load_weights(engine.model.state_dict().items())
+    split = chunked.generate(PROMPTS, sampling, keys=[10, 11, 12, 13])
+    want = [c.token_ids for c in whole]
+    assert [c.token_ids for a in alone for c in a] == want
+    assert [c.token_ids for c in split] == want
+    assert [c.token_ids for i in range(3, -1, -1) for c in reordered[3 * i : 3 * i + 3]] == want
+    # another key is another stream
+    assert [c.token_ids for c in engine.generate(PROMPTS, sampling, keys=[20, 21, 22, 23])] != want

@@ -4,6 +4,7 @@ import pytest
 
 from grpo_fsdp.schedule import lr_multiplier
 
+
 def test_warmup_then_cosine_to_floor():
     # warmup 2 of 12 steps: 1/2, 2/2; decay over steps 2..11 (9 intervals), floor 0.1
     f = [lr_multiplier(s, 2, 12, "cosine", 0.1) for s in range(12)]

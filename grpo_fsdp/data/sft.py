@@ -22,7 +22,7 @@ import torch
 
 from grpo_fsdp.cli import UserError
 from grpo_fsdp.data.records import Example
-from grpo_fsdp.data.templates import bos_prefix, completion_text, render_prompt
+from grpo_fsdp.data.templates import INSTRUCTION, bos_prefix, completion_text, render_prompt
 
 
 @dataclass
@@ -38,9 +38,10 @@ def tokenize_sft(
     max_prompt_length: int,
     max_length: int,
     loss_on_prompt: bool = False,
+    instruction: str = INSTRUCTION,
 ) -> list[SFTSample]:
     """One SFTSample per example whose prompt fits; masks cover completion tokens (EOS included)."""
-    prompts = [render_prompt(tokenizer, ex.question, template) for ex in examples]
+    prompts = [render_prompt(tokenizer, ex.question, template, instruction) for ex in examples]
     completions = [completion_text(ex, tokenizer, template) for ex in examples]
     # Batched calls: the Rust tokenizer parallelises them, which matters for 7,500 MATH rows.
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []

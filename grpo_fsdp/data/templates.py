@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from grpo_fsdp.config import INSTRUCTION  # the default of data.instruction
 from grpo_fsdp.data.records import Example
 
-INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 TEMPLATES = ("auto", "chat", "plain")
 
 
@@ -35,12 +35,17 @@ def resolve_template(tokenizer: Any, template: str) -> str:
     return template
 
 
-def render_prompt(tokenizer: Any, question: str, template: str) -> str:
-    """The prompt text for one question (ends where the model's answer begins)."""
+def render_prompt(tokenizer: Any, question: str, template: str, instruction: str = INSTRUCTION) -> str:
+    """The prompt text for one question (ends where the model's answer begins).
+
+    instruction: appended to the question (`data.instruction`; default: reason step by step and box
+    the answer). The demo's byte-level tiny model drops it: 70 bytes between the operands and the
+    answer make copying them much harder to learn in a CPU-minute budget.
+    """
     if resolve_template(tokenizer, template) == "chat":
-        messages = [{"role": "user", "content": question + INSTRUCTION}]
+        messages = [{"role": "user", "content": question + instruction}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"Question: {question}{INSTRUCTION}\nAnswer:"
+    return f"Question: {question}{instruction}\nAnswer:"
 
 
 def completion_text(example: Example, tokenizer: Any, template: str = "auto") -> str:

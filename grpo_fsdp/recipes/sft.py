@@ -26,7 +26,7 @@ from grpo_fsdp.data.loading import load_examples
 from grpo_fsdp.data.sft import collate, tokenize_sft
 from grpo_fsdp.export import export_hf
 from grpo_fsdp.faults import maybe_fault
-from grpo_fsdp.logging import gpu_metrics, make_logger, process_metrics
+from grpo_fsdp.logging import make_logger
 from grpo_fsdp.models import build_policy, load_tokenizer
 from grpo_fsdp.plan import BatchPlan
 from grpo_fsdp.preemption import Preemption
@@ -41,7 +41,8 @@ def run(cfg: Config) -> int:
     # 1. data: tokenized once on every rank (cheap next to training; avoids shipping tensors)
     tokenizer = load_tokenizer(cfg.model)
     examples = load_examples(cfg.data, cfg.data.train_split)
-    samples = tokenize_sft(examples, tokenizer, cfg.model.template, cfg.data.max_prompt_length, cfg.data.max_length, cfg.algo.loss_on_prompt)
+    samples = tokenize_sft(examples, tokenizer, cfg.model.template, cfg.data.max_prompt_length, cfg.data.max_length, cfg.algo.loss_on_prompt,
+                           cfg.data.instruction)
     if len(samples) < t.global_batch_size:
         raise UserError(f"data: {len(samples)} usable sequences, fewer than train.global_batch_size={t.global_batch_size}; "
                         "lower the batch size or add data")
@@ -63,7 +64,7 @@ def run(cfg: Config) -> int:
 
     plan = BatchPlan.from_config(cfg, d.world_size)
     logger = make_logger(d.rank, run_dir=run_dir, cfg=cfg.logging, config_yaml=redacted_yaml(cfg), total_steps=t.max_steps,
-                         run_name=run_dir.rstrip("/").split("/")[-1], world_size=d.world_size, start_step=start)
+                         run_name=run_dir.rstrip("/").split("/")[-1], world_size=d.world_size, start_step=start, device=d.device)
     logger.print(plan.format_table())
     logger.print(f"run dir: {run_dir}" + (f" (resumed at step {start} from {source})" if source else ""))
     preempt = Preemption()
@@ -102,8 +103,6 @@ def run(cfg: Config) -> int:
             "train/target_tokens": global_tokens,
             "perf/tokens_per_s": seq_tokens / seconds,
             "perf/step_seconds": seconds,
-            **process_metrics(),
-            **gpu_metrics(d.local_rank if d.device.type == "cuda" else None),
         }
         logger.log(step + 1, metrics)
         losses.append(metrics["train/loss"])

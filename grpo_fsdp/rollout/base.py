@@ -31,9 +31,10 @@ class SamplingConfig:
     top_p: nucleus sampling, keep the smallest set of tokens whose probability reaches top_p (1.0 = off).
     top_k: keep the k most likely tokens (0 = off).
     max_new_tokens: completions that reach it end with finish_reason "length".
-    seed: seeds the sampler, so the same seed, prompts and weights give the same completions
-        (on the same device and batch layout). None draws a fresh seed. A training loop should
-        pass a different seed each step (e.g. base seed + step) or it resamples the same noise.
+    seed: seeds the sampler, so the same seed, prompt keys and weights give the same completions
+        (on the same device; see `RolloutEngine.generate`). None draws a fresh seed. A training
+        loop should pass a different seed each step (e.g. base seed + step) or it resamples the
+        same noise.
     """
 
     n: int
@@ -125,12 +126,17 @@ class RolloutEngine(Protocol):
 
     last_stats: GenerationStats
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, keys: list[int] | None = None) -> list[Completion]:
         """Complete every prompt (a list of token ids) `sampling.n` times.
 
         Returns len(prompts) * n completions, prompt-major: the n completions of prompt 0, then
         the n of prompt 1, ...; so completion i belongs to prompt i // n. See `Completion` for
         which log-probs are returned and when the stop token is included.
+
+        keys: a stable id per prompt (e.g. its index in the data set; default: its position in
+        `prompts`). With a seed, completion j of a prompt depends only on (sampling.seed, its
+        key, j) and the weights, not on the other prompts of the call or how they are batched,
+        so a run sharded over any number of ranks samples the same rollout.
         """
         ...
 
@@ -155,6 +161,15 @@ class RolloutEngine(Protocol):
 
     def wake_up(self) -> None:
         """Undo `sleep`: weights back on the accelerator (level 1) or storage re-allocated (level 2)."""
+        ...
+
+    def prompt_logprobs(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """log_softmax(logits)[token t] of every prompt token after the first, [len(p) - 1] each, at
+        temperature 1: the engine's side of the weight-sync probe (`probe.check_sync`)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (vLLM: before the trainer's process group is destroyed)."""
         ...
 
 

@@ -19,10 +19,12 @@ each sampled token under the temperature-scaled, *untruncated* distribution (see
 `compile=True` additionally runs the one-token decode step through `torch.compile`. Static mode
 prefills every row (a static cache cannot be regrown to G rows) and never compacts the batch.
 
+Sampling noise is counter-based (`noise.py`): completion j of a prompt depends only on the seed,
+the prompt's key and j, so the batch layout (other prompts, chunking, ranks, compaction) does not
+change it. The same holds in the vLLM engine, which seeds each request.
+
 Departures from vLLM: no paged attention or continuous batching, so a batch runs until its
-longest completion ends (compaction only reduces the work of finished rows); the sampler's random
-stream depends on the batch layout, so the same seed gives the same samples only for the same
-prompts, G, max_batch_size and device.
+longest completion ends (compaction only reduces the work of finished rows).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, StaticCache
 
 from grpo_fsdp.rollout.base import Completion, GenerationStats, SamplingConfig
+from grpo_fsdp.rollout.noise import exponential_noise, stream_ids
 
 # Wrapper segments that torch.compile / activation checkpointing insert into parameter names.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -63,19 +66,13 @@ def truncate_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return scaled
 
 
-def draw_noise(rows: int, vocab: int, generator: torch.Generator, device) -> torch.Tensor:
-    """Exp(1) noise for the exponential race, [rows, vocab]; never 0, so p / noise has no 0/0."""
-    noise = torch.empty((rows, vocab), dtype=torch.float32, device=device).exponential_(generator=generator)
-    return noise.clamp_(min=torch.finfo(torch.float32).tiny)
-
-
 def sample_next(logits: torch.Tensor, sampling: SamplingConfig, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its log-prob (see `base.Completion`). logits [B, V] fp32 -> ([B] long, [B] fp32).
 
     Sampling is the exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) iid picks v with
     probability p_v, the same distribution as `torch.multinomial`. It is used because the noise
-    can be drawn for the whole batch each step and indexed by row, so dropping finished rows
-    (or decoding with a static cache) does not shift the random stream of the others.
+    is a pure function of (sequence, step, token) (`noise.exponential_noise`), so dropping finished
+    rows, chunking or splitting the batch over ranks does not change any sequence's samples.
     """
     if sampling.greedy:
         tokens = logits.argmax(dim=-1)
@@ -182,6 +179,21 @@ class HFEngine:
             torch.cuda.current_stream(self.device).synchronize()
         self._asleep = 0
 
+    @torch.no_grad()
+    def prompt_logprobs(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """log_softmax(logits)[token t] of every prompt token after the first, [len(p) - 1] each (T = 1):
+        the engine's side of the weight-sync probe (`probe.check_sync`). One prompt at a time, no cache."""
+        self._require_awake("prompt_logprobs")
+        out = []
+        for p in prompts:
+            ids = torch.tensor([p], device=self.device)
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [L-1, V]
+            out.append(torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1).cpu())
+        return out
+
+    def close(self) -> None:
+        """Nothing to release beyond Python's own garbage collection (the vLLM engine has a real one)."""
+
     def _require_awake(self, what: str) -> None:
         if self._asleep:
             raise RuntimeError(f"HFEngine.{what}: the engine is asleep (level {self._asleep}); call wake_up() first")
@@ -189,7 +201,7 @@ class HFEngine:
     # -- generation ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, keys: list[int] | None = None) -> list[Completion]:
         self._require_awake("generate")
         if self._missing:
             raise RuntimeError(f"HFEngine.generate: {len(self._missing)} weights were discarded by sleep(level=2) "
@@ -200,16 +212,16 @@ class HFEngine:
                 raise ValueError(f"HFEngine.generate: prompt {i} is empty or has token ids outside [0, {vocab})")
         start = time.perf_counter()
         stats = GenerationStats(calls=1)
-        generator = torch.Generator(device=self.device)
-        if sampling.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(sampling.seed)
+        keys = list(range(len(prompts))) if keys is None else list(keys)
+        if len(keys) != len(prompts):
+            raise ValueError(f"HFEngine.generate: {len(keys)} keys for {len(prompts)} prompts")
+        seed = int(torch.randint(0, 2**62, ())) if sampling.seed is None else sampling.seed
         owners = [i for i in range(len(prompts)) for _ in range(sampling.n)]  # prompt index of each sequence
+        streams = stream_ids(seed, [keys[i] for i in owners], [j for _ in prompts for j in range(sampling.n)])
         chunk = self.max_batch_size or max(len(owners), 1)
         completions: list[Completion] = []
         for lo in range(0, len(owners), chunk):
-            completions += self._generate_chunk(prompts, owners[lo : lo + chunk], sampling, generator, stats)
+            completions += self._generate_chunk(prompts, owners[lo : lo + chunk], streams[lo : lo + chunk], sampling, stats)
         stats.seconds = time.perf_counter() - start
         self.last_stats = stats
         self.total_stats.add(stats)
@@ -220,7 +232,7 @@ class HFEngine:
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()  # [B, V]
 
-    def _generate_chunk(self, prompts, owners: list[int], sampling: SamplingConfig, generator, stats) -> list[Completion]:
+    def _generate_chunk(self, prompts, owners: list[int], streams: list[int], sampling: SamplingConfig, stats) -> list[Completion]:
         dev, pad, max_new = self.device, self.pad_token_id, sampling.max_new_tokens
         # Rows to prefill: each distinct prompt once (dynamic cache) or every sequence (static cache).
         distinct = list(dict.fromkeys(owners))
@@ -258,9 +270,10 @@ class HFEngine:
         n_tokens = torch.full((B,), max_new, dtype=torch.long, device=dev)
         stopped = torch.zeros(B, dtype=torch.bool, device=dev)
         rows = torch.arange(B, device=dev)  # original row of each live batch row
+        row_streams = torch.tensor(streams, dtype=torch.int64, device=dev)  # noise stream of each sequence
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # per live batch row
         for t in range(max_new):
-            noise = None if sampling.greedy else draw_noise(B, logits.shape[-1], generator, dev)[rows]
+            noise = None if sampling.greedy else exponential_noise(row_streams[rows], t, logits.shape[-1])
             tok, lp = sample_next(logits, sampling, noise)  # [b], [b]
             tokens[rows, t], logps[rows, t] = tok, lp  # rows already done write past their end: trimmed below
             hit = torch.isin(tok, self._eos) & ~done

@@ -1,0 +1,251 @@
+"""Chunked token log-probs against full logits: peak memory and time of forward + backward.
+
+    .venv/bin/python benchmarks/logprobs_memory.py                  # vocab 151,665, seq 2048, hidden 1536, fp32
+    .venv/bin/python benchmarks/logprobs_memory.py --seq 512 --iters 1 --variants full,256
+
+The LM head at Qwen2.5-1.5B's shapes (hidden 1536, vocabulary 151,665 as in its tokenizer) on one
+sequence of --seq tokens, in fp32 on the CPU (on a GPU with --device cuda). Each variant computes
+the log-prob of a target token at every position and backpropagates `logp.sum()` into the hidden
+states and the head weight (both require grad, as in training):
+
+  full        log_softmax(hidden @ W.T, -1).gather(targets): plain autograd, which keeps the
+              [seq, vocab] logits and their log_softmax for backward;
+  <n>         grpo_fsdp.logprobs.chunked_token_logprobs(hidden, W, targets, chunk_size=n):
+              n tokens at a time under activation checkpointing (the chunk's logits are
+              recomputed in backward);
+  all         the same with chunk_size = seq: one chunk, still checkpointed.
+
+Every variant runs in its own process (python's and torch's allocations are counted alike only
+by the kernel), so its numbers do not depend on what ran before it:
+
+  extra peak  ru_maxrss of the process (the kernel's high-water mark of its RSS) minus its RSS
+              just before the first forward, when the inputs and W (932 MB at these shapes)
+              already exist and the same code has run once on 16 tokens x 64 vocab entries
+              (lazy imports, autograd threads: one-off costs common to all variants). It includes W.grad (the same 932 MB for every variant, allocated in
+              backward) and hidden.grad; `extra_minus_grads` subtracts those two. On CUDA the
+              same from torch.cuda.max_memory_allocated / memory_allocated.
+  time        wall clock of forward + backward, the median over --iters iterations after one
+              untimed warm-up (W.grad is dropped between iterations, so each allocates it anew).
+  check       max |logp - logp_full| and the relative difference of |hidden.grad| against the
+              full variant: chunking must not change the result.
+
+The expected extra memory of a chunk is chunk x vocab x 4 bytes of logits, about twice over (the
+softmax and its gradient): 155 MB per 256 tokens at this vocabulary; the full variant keeps
+seq x vocab x 4 bytes (1.24 GB at 2048 tokens) several times over.
+
+Writes benchmarks/results/logprobs_memory.json and appends a dated section to
+benchmarks/results/logprobs_memory.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+DATE = "2026-11-22"
+MACHINE = "2-core CPU, 24 GiB, no GPU"
+MB = 1024 * 1024
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vocab", type=int, default=151_665)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--variants", default="full,256,1024,all", help="comma list of full, all, or chunk sizes")
+    p.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--entropy", action="store_true", help="also compute the entropy (chunked variants; full adds it too)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant in this process
+    p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---------------------------------------------------------------------------------------------
+# one variant, in a child process
+# ---------------------------------------------------------------------------------------------
+def run_variant(a: argparse.Namespace) -> dict:
+    import torch
+
+    from grpo_fsdp.logprobs import chunked_token_logprobs
+
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(a.seq, a.hidden, generator=g)).to(dev).requires_grad_(True)  # [N, H]
+    weight = (torch.randn(a.vocab, a.hidden, generator=g) * 0.02).to(dev).requires_grad_(True)  # [V, H]
+    targets = torch.randint(0, a.vocab, (a.seq,), generator=g).to(dev)  # [N]
+
+    def step(hidden, weight, targets):
+        if a.variant == "full":
+            logits = hidden @ weight.T  # [N, V]
+            logprobs = torch.log_softmax(logits, dim=-1)
+            logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+            loss = logp.sum()
+            if a.entropy:
+                loss = loss + (-(logprobs.exp() * logprobs).sum(-1)).sum()
+        else:
+            chunk = hidden.shape[0] if a.variant == "all" else int(a.variant)
+            logp, ent = chunked_token_logprobs(hidden, weight, targets, chunk, with_entropy=a.entropy)
+            loss = logp.sum() + (ent.sum() if a.entropy else 0)
+        loss.backward()
+        return logp.detach()
+
+    # warm up the code path on small tensors (lazy imports, autograd threads, kernel caches), so
+    # that one-off allocations are not billed to the variant: they are the same for all of them
+    small = [torch.randn(16, a.hidden, device=dev, requires_grad=True), torch.randn(64, a.hidden, device=dev, requires_grad=True),
+             torch.randint(0, 64, (16,), device=dev)]
+    step(*small)
+    del small
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    before_rss = rss_bytes()
+    times = []
+    logp = None
+    for i in range(1 + a.iters):
+        hidden.grad = weight.grad = None
+        t = time.perf_counter()
+        logp = step(hidden, weight, targets)
+        if cuda:
+            torch.cuda.synchronize()
+        if i > 0:
+            times.append(time.perf_counter() - t)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    grads = (weight.grad.numel() + hidden.grad.numel()) * weight.element_size()
+    if cuda:
+        extra = torch.cuda.max_memory_allocated() - before
+    else:
+        extra = peak_rss - before_rss
+    return {
+        "variant": a.variant, "extra_peak_mb": extra / MB, "extra_minus_grads_mb": (extra - grads) / MB,
+        "grads_mb": grads / MB, "rss_before_mb": before_rss / MB, "peak_rss_mb": peak_rss / MB,
+        "seconds": statistics.median(times) if times else None, "seconds_all": times,
+        "threads": torch.get_num_threads(), "logp": logp.cpu().tolist(), "hidden_grad_norm": float(hidden.grad.norm()),
+        "weight_grad_norm": float(weight.grad.norm()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# parent
+# ---------------------------------------------------------------------------------------------
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "grpo-fsdp"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def write_md(path: Path, res: dict) -> None:
+    s = res["settings"]
+    rows = []
+    for r in res["variants"]:
+        if "error" in r:
+            rows.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | |")
+            continue
+        rows.append(f"| {r['variant']} | {r['extra_peak_mb']:,.0f} | {r['extra_minus_grads_mb']:,.0f} | "
+                    f"{r['seconds']:.1f} | {r['max_abs_logp_diff_vs_full']:.1e} | {r['hidden_grad_rel_diff_vs_full']:.1e} |")
+    text = (
+        f"\n## {res['date']}: {res['machine']}\n\n"
+        f"vocab {s['vocab']:,}, seq {s['seq']}, hidden {s['hidden']}, fp32 on {s['device']}, forward + backward into hidden "
+        f"and W, entropy {'on' if s['entropy'] else 'off'}, {res['threads']} threads, torch {res['versions']['torch']}; "
+        f"W.grad + hidden.grad = {res['grads_mb']:,.0f} MB (in every variant's extra peak).\n\n"
+        "| variant | extra peak MB | extra minus grads MB | seconds (fwd+bwd) | max abs logp diff vs full | hidden.grad rel diff |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(rows) + f"\n\n```\n{res['command']}\n```\n"
+    )
+    if not path.exists():
+        text = ("# Chunked log-probs vs full logits (benchmarks/logprobs_memory.py)\n\n"
+                "Peak memory above the inputs (ru_maxrss minus RSS before the first forward, one process per variant) "
+                "and forward + backward time; see the module docstring.\n") + text
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.variant is not None:
+        a.result.write_text(json.dumps(run_variant(a)))
+        return 0
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            out = Path(tmp) / f"{v}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", v, "--result", str(out), "--vocab", str(a.vocab),
+                   "--seq", str(a.seq), "--hidden", str(a.hidden), "--iters", str(a.iters), "--device", a.device,
+                   *(["--entropy"] if a.entropy else [])]
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True)
+            if r.returncode != 0 or not out.exists():
+                err = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+                print(f"{v}: FAILED ({err})", flush=True)
+                results.append({"variant": v, "error": err, "rc": r.returncode})
+                continue
+            res = json.loads(out.read_text())
+            res["process_seconds"] = time.perf_counter() - t0
+            results.append(res)
+            print(f"{v}: extra peak {res['extra_peak_mb']:,.0f} MB (minus grads {res['extra_minus_grads_mb']:,.0f} MB), "
+                  f"fwd+bwd {res['seconds']:.2f} s", flush=True)
+    ref = next((r for r in results if r.get("variant") == "full" and "logp" in r), None)
+    ref_logp = ref["logp"] if ref is not None else None
+    for r in results:
+        if "logp" not in r:
+            continue
+        if ref is not None:
+            r["max_abs_logp_diff_vs_full"] = max(abs(x - y) for x, y in zip(r["logp"], ref_logp))
+            r["hidden_grad_rel_diff_vs_full"] = abs(r["hidden_grad_norm"] - ref["hidden_grad_norm"]) / ref["hidden_grad_norm"]
+        else:
+            r["max_abs_logp_diff_vs_full"] = r["hidden_grad_rel_diff_vs_full"] = float("nan")
+        r["logp_sum"] = sum(r.pop("logp"))
+    ok = [r for r in results if "extra_peak_mb" in r]
+    if ref is None:
+        print("no full variant: the logp / grad checks are left empty", flush=True)
+    full = next((r for r in ok if r["variant"] == "full"), None)
+    out = {
+        "date": DATE, "run_date": date.today().isoformat(), "machine": MACHINE, "platform": platform.platform(),
+        "command": " ".join([".venv/bin/python", "benchmarks/logprobs_memory.py", *(argv if argv is not None else sys.argv[1:])]),
+        "settings": {"vocab": a.vocab, "seq": a.seq, "hidden": a.hidden, "dtype": "float32", "device": a.device,
+                     "iters": a.iters, "entropy": a.entropy, "loss": "logp.sum() (+ entropy.sum())", "grad_into": ["hidden", "W"]},
+        "memory_measure": "ru_maxrss - RSS before the first forward, one process per variant" if a.device == "cpu"
+                          else "torch.cuda.max_memory_allocated - memory_allocated before the first forward",
+        "threads": ok[0]["threads"] if ok else None, "grads_mb": ok[0]["grads_mb"] if ok else None,
+        "full_logits_mb": a.seq * a.vocab * 4 / MB,
+        "variants": results,
+        "memory_saving_vs_full": {r["variant"]: full["extra_minus_grads_mb"] / r["extra_minus_grads_mb"]
+                                  for r in ok if full is not None and r["extra_minus_grads_mb"] > 0},
+        "time_vs_full": {r["variant"]: r["seconds"] / full["seconds"] for r in ok if full is not None},
+        "versions": versions(),
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "logprobs_memory.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_md(a.out / "logprobs_memory.md", out)
+    print(f"wrote {a.out / 'logprobs_memory.json'} and {a.out / 'logprobs_memory.md'}")
+    return 0 if len(ok) == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Evaluation between training steps, on one rank, with the rollout engine: DESIGN.md's time slicing.
+
+After the weight sync of step s (every `eval.every_steps` steps and at the last step), the eval
+rank (rank 1; rank 0 when it runs alone) wakes its engine, runs `eval.evaluate` on each task and
+logs `eval/<task>/...` at training step s (`logger.log_eval`). The other ranks go on to the next
+step and wait for it at the first collective of that step (the rollout gather), so the cost of
+evaluation is the eval rank's wall time, logged as `eval/<task>/seconds`. It uses the training
+engine, so evaluation sees exactly the weights that generate the next rollout (the probe check of
+the vLLM engine has already vouched for them).
+
+On every other rank the object is inert (`due` is always False): the loop calls it unconditionally.
+"""
+
+from __future__ import annotations
+
+from grpo_fsdp.config import EvalConfig
+
+
+class PeriodicEval:
+    def __init__(self, cfg: EvalConfig, rank: int, eval_rank: int, tokenizer, template: str, instruction: str, scorer,
+                 max_steps: int, seed: int):
+        self.cfg, self.tokenizer, self.template, self.instruction, self.scorer = cfg, tokenizer, template, instruction, scorer
+        self.max_steps, self.seed = max_steps, seed
+        self.active = bool(cfg.tasks) and rank == eval_rank
+        self.tasks = {}
+        if self.active:
+            from eval.tasks import get_task, load_task
+
+            self.tasks = {name: (load_task(name, data_dir=cfg.data_dir, limit=cfg.limit),
+                                 cfg.max_new_tokens or get_task(name).max_new_tokens) for name in cfg.tasks}
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.every_steps
+        return self.active and (step == self.max_steps or (every > 0 and step % every == 0))
+
+    def __call__(self, step: int, engine, logger) -> None:
+        """Evaluate at optimizer step `step` if it is due on this rank; log into the shared run."""
+        if not self.due(step):
+            return
+        from eval.evaluate import evaluate
+
+        for name, (examples, max_new_tokens) in self.tasks.items():
+            result = evaluate(engine, self.tokenizer, examples, template=self.template, instruction=self.instruction, max_new_tokens=max_new_tokens,
+                              k=self.cfg.k, seed=self.seed, scorer=self.scorer, task=name, batch_size=self.cfg.batch_size)
+            logger.log_eval(step, result.metrics(prefix="eval/"))
+            # the eval rank may not be rank 0, whose logger owns the console: a plain line
+            print(f"eval step {step}: {name} accuracy {result.accuracy:.1%} of {result.num_problems} ({result.seconds:.1f} s)",
+                  flush=True)
