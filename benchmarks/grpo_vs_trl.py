@@ -15,7 +15,8 @@ What runs, in one invocation:
      (every completion then runs to --max-new-tokens and every reward is 0); `--model-dir` uses a
      directory you already have. Both sides load exactly these weights.
   1. ours: `python -m grpo_fsdp.train algo=grpo model.path=<dir> ...` in its own process (HFEngine
-     rollouts, reward worker pool, FSDP2 policy with the chunked LM head, metrics.jsonl).
+     rollouts, `rollout.engine=hf` to match TRL's engine kind; reward worker pool, FSDP2 policy with
+     the chunked LM head, metrics.jsonl).
   2. TRL: `GRPOTrainer` in its own process (this file with `--side trl`), `use_vllm=False`, so it
      generates with `model.generate` on the training model; the reward is `grpo_fsdp.rewards.grade`
      called in-process (ours grades the same function in worker processes with a timeout).
@@ -87,7 +88,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-DATE = "2026-11-22"
+DATE = date.today().isoformat()
 MACHINE = "2-core CPU, 24 GiB, no GPU"
 MB = 1024 * 1024
 
@@ -125,7 +126,8 @@ def our_overrides(a: argparse.Namespace, model_dir: Path) -> list[str]:
     """Our recipe's settings; the TRL child composes the same list to pick the same prompts."""
     rollout = a.prompts * a.group
     return [
-        "algo=grpo", f"model.path={model_dir}", f"train.max_steps={a.steps}", f"algo.prompts_per_step={a.prompts}",
+        "algo=grpo", "rollout.engine=hf", f"model.path={model_dir}", f"train.max_steps={a.steps}",
+        f"algo.prompts_per_step={a.prompts}",
         f"algo.group_size={a.group}", f"algo.max_new_tokens={a.max_new_tokens}", "algo.temperature=1.0", "algo.top_p=1.0",
         "algo.top_k=0", "algo.beta=0.0", "algo.loss=dapo", "algo.updates_per_rollout=1", "algo.clip_eps_low=0.2",
         "algo.clip_eps_high=0.28", "algo.advantage_scale=group", f"train.global_batch_size={rollout}",

@@ -56,7 +56,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-DATE = "2026-11-22"
+DATE = date.today().isoformat()
 MACHINE = "2-core CPU, 24 GiB, no GPU"
 MB = 1024 * 1024
 

@@ -185,6 +185,7 @@ class EvalConfig:
     max_new_tokens: int = 0  # 0: the task's default
     k: int = 1  # samples per problem; k > 1 adds pass@k and maj@k at temperature 1
     batch_size: int = 64  # prompts per generate call
+    table_rows: int = 32  # samples (problem, prediction, gold, correct) logged to W&B as a table per evaluation
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,7 +400,7 @@ def _validate_rollout_eval(cfg: Config) -> None:
                           "set e.g. hardware.vllm_memory_share=0.3")
     for task in e.tasks:
         _choice("eval.tasks", task, ("gsm8k", "math", "math500", "arithmetic"))
-    if e.every_steps < 0 or e.limit < 0 or e.max_new_tokens < 0 or r.max_batch_size < 0:
+    if e.every_steps < 0 or e.limit < 0 or e.max_new_tokens < 0 or r.max_batch_size < 0 or e.table_rows < 0:
         raise ConfigError("eval.every_steps", f"every_steps={e.every_steps}, limit={e.limit}, max_new_tokens={e.max_new_tokens}, "
                           f"rollout.max_batch_size={r.max_batch_size}", "use values >= 0 (0: default / off)")
     _positive("eval.k", e.k)

@@ -77,6 +77,14 @@ class _Logger:
         if self._wandb is not None and values:
             self._wandb.log(step, values)
 
+    def log_table(self, step: int, key: str, columns: list[str], rows: list[list]) -> None:
+        """A table (e.g. evaluation samples) into the shared W&B run at training step `step`; a no-op
+        without W&B (metrics.jsonl holds scalars only)."""
+        if self._wandb is not None and rows:
+            import wandb
+
+            self._wandb.log(step, {key: wandb.Table(columns=columns, data=rows)})
+
     def _finish_wandb(self, exit_code: int) -> None:
         if self._wandb is not None:
             self._wandb.finish(exit_code)
@@ -262,6 +270,9 @@ class NullLogger:
         pass
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_table(self, step: int, key: str, columns: list[str], rows: list[list]) -> None:
         pass
 
     def print(self, text: str) -> None:

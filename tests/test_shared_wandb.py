@@ -162,6 +162,9 @@ def test_grpo_run_with_evaluation_writes_one_offline_run(tmp_path):
     evals = [r for r in rows1 if "eval/arithmetic/accuracy" in r]
     assert [r["train/step"] for r in evals] == [1, 2]
     assert all(0 <= r["eval/arithmetic/accuracy"] <= 1 and r["eval/arithmetic/mean_length"] <= 8 for r in evals)
+    # the samples table (problem, prediction, gold, correct) of each evaluation, a W&B table file
+    tables = [r for r in rows1 if r.get("eval/arithmetic/samples/_type") == "table-file"]
+    assert [(t["eval/arithmetic/samples/nrows"], t["eval/arithmetic/samples/ncols"]) for t in tables] == [(6, 4), (6, 4)]
     assert sorted(r["train/step"] for r in rows1 if "system/rank1/rss_gib" in r) == [1, 2]
     assert not any(k.startswith("train/loss") for r in rows1 for k in r)
     # metrics.jsonl gets rank 1's eval rows from rank 0, at the step they evaluated

@@ -16,6 +16,9 @@ from __future__ import annotations
 from grpo_fsdp.config import EvalConfig
 
 
+SAMPLE_COLUMNS = ("problem", "prediction", "gold", "correct")
+
+
 class PeriodicEval:
     def __init__(self, cfg: EvalConfig, rank: int, eval_rank: int, tokenizer, template: str, instruction: str, scorer,
                  max_steps: int, seed: int):
@@ -43,6 +46,8 @@ class PeriodicEval:
             result = evaluate(engine, self.tokenizer, examples, template=self.template, instruction=self.instruction, max_new_tokens=max_new_tokens,
                               k=self.cfg.k, seed=self.seed, scorer=self.scorer, task=name, batch_size=self.cfg.batch_size)
             logger.log_eval(step, result.metrics(prefix="eval/"))
+            logger.log_table(step, f"eval/{name}/samples", list(SAMPLE_COLUMNS),
+                             [[s[c] for c in SAMPLE_COLUMNS] for s in result.samples[: self.cfg.table_rows]])
             # the eval rank may not be rank 0, whose logger owns the console: a plain line
             print(f"eval step {step}: {name} accuracy {result.accuracy:.1%} of {result.num_problems} ({result.seconds:.1f} s)",
                   flush=True)

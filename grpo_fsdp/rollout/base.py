@@ -35,6 +35,8 @@ class SamplingConfig:
         (on the same device; see `RolloutEngine.generate`). None draws a fresh seed. A training
         loop should pass a different seed each step (e.g. base seed + step) or it resamples the
         same noise.
+    ignore_eos: never stop on a stop token, so every completion has max_new_tokens tokens
+        (throughput benchmarks with forced lengths; finish_reason is then "length").
     """
 
     n: int
@@ -43,6 +45,7 @@ class SamplingConfig:
     top_k: int = 0
     max_new_tokens: int = 256
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: every completion runs to max_new_tokens (forced lengths)
 
     def __post_init__(self) -> None:
         problems = []

@@ -276,7 +276,7 @@ class HFEngine:
             noise = None if sampling.greedy else exponential_noise(row_streams[rows], t, logits.shape[-1])
             tok, lp = sample_next(logits, sampling, noise)  # [b], [b]
             tokens[rows, t], logps[rows, t] = tok, lp  # rows already done write past their end: trimmed below
-            hit = torch.isin(tok, self._eos) & ~done
+            hit = torch.isin(tok, self._eos) & ~done & (not sampling.ignore_eos)
             n_tokens[rows] = torch.where(hit, t + 1, n_tokens[rows])
             stopped[rows] |= hit
             done |= hit

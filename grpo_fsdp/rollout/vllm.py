@@ -200,7 +200,8 @@ class VLLMEngine:
                                "top_k/top_p; set top_k=0 top_p=1.0, or VLLM_USE_V2_MODEL_RUNNER=0 (GPU), "
                                "or use rollout.engine=hf")
         common = {"max_tokens": sampling.max_new_tokens, "logprobs": 0,  # logprobs=0: the sampled token's only
-                  "stop_token_ids": self.eos_token_ids, "detokenize": False}
+                  "stop_token_ids": [] if sampling.ignore_eos else self.eos_token_ids, "ignore_eos": sampling.ignore_eos,
+                  "detokenize": False}
         if sampling.greedy:  # vLLM allows n == 1 only at T = 0: repeat each prompt instead
             requests = [p for p in prompts for _ in range(sampling.n)]
             params = SamplingParams(n=1, temperature=0.0, **common)
