@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -162,7 +161,9 @@ def main(argv=None) -> int:
             rows += measure(kind, a, cfg, conf, tokenizer, state, dtype)
         except Exception as e:  # noqa: BLE001 -- a side that cannot run is recorded, not crashed on
             rows.append({"engine": kind, "what": "not run", "reason": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
-    doc = {"date": date.today().isoformat(), "machine": f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores), {a.device}",
+    from train_throughput import device_name  # the same machine label as the training benchmark
+
+    doc = {"date": date.today().isoformat(), "machine": device_name(torch.device(a.device)),
            "model": a.model, "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"rollout_engines-{doc['date']}-{a.model}-{a.device}.json").write_text(json.dumps(doc, indent=1) + "\n")
