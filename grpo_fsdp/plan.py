@@ -13,7 +13,7 @@ estimate), so that "batch size" never means two things. The vocabulary, shared b
 - `loss_denominator` says what the summed loss is divided by (DESIGN.md: a global count, so the
   result does not depend on how the batch is split).
 
-`from_config` assumes `config.validate()` has passed (divisibility is checked there, with a
+`from_config` assumes `validation.validate()` has passed (divisibility is checked there, with a
 one-line fix). Each algorithm contributes one small function to `_SEMANTICS` that says what a
 batch is; the micro-batch arithmetic below is shared, so a GRPO entry (with a group size and
 several optimizer steps per rollout) is an added function, not a rewrite.

@@ -14,7 +14,8 @@ import os
 import sys
 
 from grpo_fsdp.cli import compose, run_main
-from grpo_fsdp.config import Config, validate
+from grpo_fsdp.config import Config
+from grpo_fsdp.validation import validate
 
 RECIPES = {"sft": "grpo_fsdp.recipes.sft", "grpo": "grpo_fsdp.recipes.grpo"}
 

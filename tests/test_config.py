@@ -8,8 +8,9 @@ import pytest
 from conftest import REPO
 
 from grpo_fsdp.cli import compose, group_options, run_main
-from grpo_fsdp.config import Config, validate
+from grpo_fsdp.config import Config
 from grpo_fsdp.train import dry_run, main
+from grpo_fsdp.validation import validate
 
 
 def test_groups_hold_the_presets_the_product_promises():

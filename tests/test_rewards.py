@@ -191,4 +191,4 @@ def test_constant_reward_watch_triggers_at_k():
     assert message is not None and "all 2 rewards were 0.0 for 3 steps in a row" in message
     assert watch.update([0.0, 0.0]) is None  # warns again at 6, not every step
     assert watch.update([1.0, 0.0]) is None  # a step with signal resets the count
-    assert [watch.update([1.0] * 4) for _ in range(3)][-1] is not None
+    assert [watch.update([1.0] * 4) for _ in range(3)][-1].startswith("all 4 rewards were 1.0 for 3 steps in a row")

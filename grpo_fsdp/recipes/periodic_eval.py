@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from grpo_fsdp.config import EvalConfig
 
-
 SAMPLE_COLUMNS = ("problem", "prediction", "gold", "correct")
 
 
