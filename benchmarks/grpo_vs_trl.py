@@ -415,6 +415,8 @@ def write_md(path: Path, res: dict) -> None:
         return "—" if x is None else fmt.format(x)
 
     def row(name, r):
+        if r.get("skipped"):  # --sides left this side out
+            return f"| {name} | not run (--sides) | | | | | | |\n"
         if "error" in r:
             return f"| {name} | failed (exit {r['rc']}) | | | | | | |\n"
         return (f"| {name} | {num(r['tokens_per_s'])} | {num(r['steady_tokens_per_s'])} | {num(r['seconds'], '{:.1f}')} | "
