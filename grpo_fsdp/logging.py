@@ -90,8 +90,23 @@ class _Logger:
             self._wandb.finish(exit_code)
             self._wandb = None
 
-    def close(self, exit_code: int = 0) -> None:  # each rank's logger says what closing means for it
-        ...
+    def close(self, exit_code: int = 0) -> None:
+        """Collective on a clean exit (the last eval rows reach rank 0); local after an error."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if exit_code == 0:
+                self._hand_over_last()
+        finally:
+            self._release()
+            self._finish_wandb(exit_code)
+
+    def _hand_over_last(self) -> None:
+        """The closing collective: eval rows still pending go to rank 0."""
+
+    def _release(self) -> None:
+        """Local resources of this rank's logger (bar, files)."""
 
     def __enter__(self):
         return self
@@ -196,19 +211,13 @@ class RunLogger(_Logger):
         else:
             print(text, flush=True)
 
-    def close(self, exit_code: int = 0) -> None:
-        """Collective on a clean exit (the last eval lines are handed over); local after an error."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if exit_code == 0:
-                self._write_handed_over(_gather_to_rank0({})[1:])
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-            self._file.close()
-            self._finish_wandb(exit_code)
+    def _hand_over_last(self) -> None:
+        self._write_handed_over(_gather_to_rank0({})[1:])
+
+    def _release(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._file.close()
 
 
 class RankLogger(_Logger):
@@ -248,17 +257,9 @@ class RankLogger(_Logger):
     def print(self, text: str) -> None:
         pass
 
-    def close(self, exit_code: int = 0) -> None:
-        """Collective on a clean exit (hands over the last eval rows); local after an error."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if exit_code == 0:
-                _gather_to_rank0({"values": {}, "eval": self._pending})
-                self._pending = []
-        finally:
-            self._finish_wandb(exit_code)
+    def _hand_over_last(self) -> None:
+        _gather_to_rank0({"values": {}, "eval": self._pending})
+        self._pending = []
 
 
 class NullLogger:
