@@ -150,6 +150,7 @@ class GRPOConfig:
     beta: float = 0.0  # KL(k3) to the reference model; the reference is loaded only when > 0
     mask_truncated: bool = False  # DAPO overlong filtering: no loss on completions cut at max_new_tokens
     filter_zero_variance: bool = False  # drop groups whose rewards are all equal (no signal)
+    shared_prefix: bool = True  # train each prompt once per micro-batch, its completions attending to it (shared_prefix.py)
     reward_correct: float = 1.0
     reward_format: float = 0.0
     overlong_penalty: float = 0.0  # weight of DAPO's soft overlong punishment

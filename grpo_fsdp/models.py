@@ -116,6 +116,7 @@ def build_policy(cfg: ModelConfig, hw: HardwareConfig, tokenizer, dist_info, see
     """Meta build -> parallelize -> allocate shards -> rank 0 broadcasts the weights. Returns (policy, hf config)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    from grpo_fsdp.attention import with_our_attention
     from grpo_fsdp.parallelize import parallelize
     from grpo_fsdp.policy import Policy
 
@@ -126,7 +127,7 @@ def build_policy(cfg: ModelConfig, hw: HardwareConfig, tokenizer, dist_info, see
     attn = attention_backend(hw.attn_implementation, dist_info.device.type)
     conf = hf_config(cfg, tokenizer, attn)
     full = full_state_dict(cfg, conf, seed) if dist_info.is_main else {}
-    policy = Policy(build_on_meta(conf, cfg.trust_remote_code), chunk_size)
+    policy = Policy(build_on_meta(with_our_attention(conf), cfg.trust_remote_code), chunk_size)
     parallelize(policy, hw, dist_info.mesh)
     # with CPU offload the sharded parameters live on the CPU; buffers always on the compute device
     policy.to_empty(device="cpu" if hw.cpu_offload else dist_info.device)

@@ -5,6 +5,10 @@ and `lm_head` under the same names, so its state-dict keys are exactly the Huggi
 (export needs no renaming). It exists for one reason: FSDP2's root module must own the forward
 that reads `lm_head.weight`, and here that forward computes token log-probs in chunks
 (`logprobs.chunked_token_logprobs`) instead of materialising full-vocabulary logits.
+
+It takes either padded rows (input_ids + attention_mask, target_mask [B, L-1]) or one GRPO micro-
+batch in the shared-prefix layout (`shared_prefix.SharedPrefix`, target_mask [N, C]); the latter
+needs the model built with the `grpo_fsdp+<base>` attention (`attention.attention_name`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from grpo_fsdp.logprobs import chunked_token_logprobs
+from grpo_fsdp.attention import PREFIX
+from grpo_fsdp.shared_prefix import NO_MASKS, SharedPrefix
 
 
 class Policy(nn.Module):
@@ -26,29 +32,42 @@ class Policy(nn.Module):
         self._hf_class = type(hf_model)
 
     @property
+    def shared_prefix_ok(self) -> bool:
+        """Whether this model's attention takes the shared-prefix layout."""
+        return str(self.config._attn_implementation).startswith(PREFIX)
+
+    @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
 
     def forward(
         self,
-        input_ids: torch.Tensor,  # [B, L]
-        attention_mask: torch.Tensor,  # [B, L], 1 = real token (right padding)
-        target_mask: torch.Tensor,  # [B, L-1] bool: score token t+1 given tokens <= t
+        input_ids: torch.Tensor | None = None,  # [B, L]
+        attention_mask: torch.Tensor | None = None,  # [B, L], 1 = real token (right padding)
+        target_mask: torch.Tensor | None = None,  # [B, L-1] bool: score token t+1 given tokens <= t; [N, C] with shared_prefix
         with_entropy: bool = False,
         temperature: float = 1.0,  # GRPO scores tokens under the sampler's logits / T
+        shared_prefix: SharedPrefix | None = None,  # instead of input_ids/attention_mask: completions sharing prompts
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (and entropies) of the target tokens -> ([B, L-1], [B, L-1] | None), 0 off-target.
+        """Log-probs (and entropies) of the target tokens -> (dense, dense | None) shaped like target_mask, 0 off-target.
 
         Only the masked positions go through the LM head, so prompt and padding cost nothing there.
         """
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        sel = target_mask.nonzero(as_tuple=True)  # (rows, cols) of predicted positions
-        targets = input_ids[:, 1:][sel]  # [M]
-        logp, ent = chunked_token_logprobs(
-            hidden[:, :-1][sel], self.lm_head.weight, targets, self.chunk_size, getattr(self.lm_head, "bias", None), with_entropy,
-            temperature,
-        )
+        if shared_prefix is not None:
+            if not self.shared_prefix_ok:
+                raise RuntimeError(f"Policy: attention {self.config._attn_implementation!r} does not take the shared-prefix "
+                                   "layout; build the policy with attention.attention_name(...) or set algo.shared_prefix=false")
+            sp = shared_prefix
+            hidden = self.model(input_ids=sp.input_ids, position_ids=sp.position_ids, attention_mask=NO_MASKS, use_cache=False,
+                                shared_prefix=sp).last_hidden_state[0]  # [T, H]
+            sel = target_mask.nonzero(as_tuple=True)  # (completion, token) of each scored token
+            hidden, targets = hidden[sp.predict_at[sel]], sp.targets[sel]  # [M, H], [M]
+        else:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            sel = target_mask.nonzero(as_tuple=True)  # (rows, cols) of predicted positions
+            hidden, targets = hidden[:, :-1][sel], input_ids[:, 1:][sel]  # [M, H], [M]
+        logp, ent = chunked_token_logprobs(hidden, self.lm_head.weight, targets, self.chunk_size,
+                                           getattr(self.lm_head, "bias", None), with_entropy, temperature)
         dense = hidden.new_zeros(target_mask.shape, dtype=torch.float32).index_put(sel, logp)
         dense_ent = None if ent is None else hidden.new_zeros(target_mask.shape, dtype=torch.float32).index_put(sel, ent)
         return dense, dense_ent
-

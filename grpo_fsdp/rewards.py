@@ -234,6 +234,23 @@ class RewardScorer:
         if time.monotonic() - w.started > self.startup_timeout_s:
             raise RuntimeError(f"reward worker not ready after {self.startup_timeout_s:.0f} s")
 
+    def wait_ready(self) -> None:
+        """Block until every worker has imported its grader. The recipe calls it once before step 1: on a
+        small machine, workers still importing sympy compete with the first rollout for the cores."""
+        while pending := {w.conn: s for s, w in enumerate(self._workers) if not w.ready}:
+            for conn in wait(list(pending), timeout=1.0):
+                slot = pending[conn]
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    w = self._workers[slot]
+                    w.proc.join(timeout=5)
+                    raise RuntimeError(f"reward worker exited with code {w.proc.exitcode} before it was ready") from None
+                self._workers[slot].ready = msg == _READY
+            for slot in pending.values():
+                if not self._workers[slot].ready:
+                    self._on_startup_problem(slot)
+
     def score(self, completions: list[str], golds: list[str], lengths: list[int], max_length: int) -> ScoreResult:
         """Grade one step: rewards (weighted sum), correctness, format, and the failure counters."""
         n = len(completions)

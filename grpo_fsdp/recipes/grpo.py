@@ -35,7 +35,7 @@ from grpo_fsdp.models import build_policy, load_tokenizer
 from grpo_fsdp.plan import BatchPlan
 from grpo_fsdp.preemption import Preemption
 from grpo_fsdp.recipes.periodic_eval import PeriodicEval
-from grpo_fsdp.recipes.rollout_batch import gather_rollout, micro_batches, rank_share
+from grpo_fsdp.recipes.rollout_batch import gather_rollout, micro_batches, rank_share, to_device
 from grpo_fsdp.rewards import ConstantRewardWatch, RewardScorer, RewardWeights
 from grpo_fsdp.rollout.base import SamplingConfig
 from grpo_fsdp.rollout.factory import engine_from_config, probe_tolerance
@@ -75,8 +75,8 @@ def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
 def score_logprobs(model, batches, device, temperature: float) -> list[torch.Tensor]:
     """Per-token log-probs [n, L-1] of each micro-batch under `model` (old policy or reference), no grad."""
     with torch.no_grad():
-        return [model(b["input_ids"].to(device), b["attention_mask"].to(device), b["target_mask"].to(device),
-                      temperature=temperature)[0] for b in batches]
+        return [model(**to_device(b["inputs"], device), target_mask=b["target_mask"].to(device), temperature=temperature)[0]
+                for b in batches]
 
 
 def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOConfig, max_grad_norm: float, device,
@@ -91,7 +91,7 @@ def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOCon
     sums = defaultdict(float)
     for i, b in enumerate(batches):
         tm = b["target_mask"].to(device)
-        logp, ent = policy(b["input_ids"].to(device), b["attention_mask"].to(device), tm, with_entropy=True, temperature=temperature)
+        logp, ent = policy(**to_device(b["inputs"], device), target_mask=tm, with_entropy=True, temperature=temperature)
         old = logp.detach() if olds is None else olds[i]
         loss, st = grpo_loss(logp, old, None if refs is None else refs[i], b["adv"].to(device), tm, eps_low=g.clip_eps_low,
                              eps_high=g.clip_eps_high, beta=g.beta, aggregation=g.loss, normalisers=norm)
@@ -123,7 +123,10 @@ def run(cfg: Config) -> int:
     keep = [i for i, p in enumerate(prompts) if len(p) <= cfg.data.max_prompt_length]
     examples, prompts = [examples[i] for i in keep], [prompts[i] for i in keep]
 
-    # 2. policy (+ reference only when beta > 0), optimizer, engine, scorer
+    # 2. reward workers (they import their grader while the models load), policy (+ reference only when
+    #    beta > 0), optimizer, engine
+    scorer = RewardScorer(RewardWeights(g.reward_correct, g.reward_format, g.overlong_penalty, g.overlong_buffer),
+                          num_workers=g.reward_workers, timeout_s=g.reward_timeout_s)
     policy, hf_conf = build_policy(cfg.model, cfg.hardware, tokenizer, d, t.seed, t.logprob_chunk_size)
     reference = build_policy(cfg.model, cfg.hardware, tokenizer, d, t.seed, t.logprob_chunk_size)[0].eval() if g.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -131,8 +134,6 @@ def run(cfg: Config) -> int:
     scheduler = build_scheduler(optimizer, o, t.max_steps * plan.optimizer_steps_per_batch)
     engine = engine_from_config(cfg, hf_conf, tokenizer, d.device, d.rank, run_dir)  # auto: vLLM if it imports
     probes, tolerance = prompts[: cfg.rollout.probe_prompts], probe_tolerance(cfg)
-    scorer = RewardScorer(RewardWeights(g.reward_correct, g.reward_format, g.overlong_penalty, g.overlong_buffer),
-                          num_workers=g.reward_workers, timeout_s=g.reward_timeout_s)
     watch = ConstantRewardWatch(g.constant_reward_warn_steps)
     evaluator = PeriodicEval(cfg.eval, d.rank, d.eval_rank, tokenizer, cfg.model.template, cfg.data.instruction, scorer,
                              t.max_steps, t.seed)
@@ -150,7 +151,12 @@ def run(cfg: Config) -> int:
     n_opt = plan.optimizer_steps_per_batch // g.updates_per_rollout  # optimizer steps per pass over the rollout
     single_pass = plan.optimizer_steps_per_batch == 1  # then the sampling policy is the policy: ratio 1
     temp = g.temperature if g.temperature > 0 else 1.0  # greedy rollouts: score the plain distribution
+    shared = g.shared_prefix and policy.shared_prefix_ok  # each prompt once per micro-batch (shared_prefix.py)
+    if g.shared_prefix and not shared:
+        logger.print(f"note: attention {cfg.hardware.attn_implementation!r} cannot take the shared-prefix layout; "
+                     "training on padded prompt + completion rows")
 
+    scorer.wait_ready()  # not during step 1's rollout
     for step in range(start, t.max_steps):
         phases = Phases()
         # 3. rollout: this rank's slice of the step's prompts, G completions each, keyed by global position
@@ -175,7 +181,8 @@ def run(cfg: Config) -> int:
         # 5. this rank's micro-batches of each optimizer step; old and reference log-probs when needed
         with phases("logprobs"):
             steps = [micro_batches(rollout, adv, keep, rank_share(c, t.global_batch_size, d.rank, d.world_size),
-                                   t.micro_batch_size, tokenizer.pad_token_id, g.mask_truncated) for c in range(n_opt)]
+                                   t.micro_batch_size, tokenizer.pad_token_id, g.mask_truncated, shared)
+                     for c in range(n_opt)]
             olds = None if single_pass else [score_logprobs(policy, s, d.device, temp) for s in steps]
             refs = [None] * n_opt if reference is None else [score_logprobs(reference, s, d.device, temp) for s in steps]
 
@@ -197,7 +204,7 @@ def run(cfg: Config) -> int:
         total = dict(zip(keys, sums.tolist()))
         tokens = max(total["tokens"], 1.0)
         lengths = torch.tensor([len(x) for x in rollout.tokens], dtype=torch.float32)
-        trained = sum(int(b["attention_mask"].sum()) for s in steps for b in s) * g.updates_per_rollout
+        trained = sum(b["tokens"] for s in steps for b in s) * g.updates_per_rollout
         seconds = phases.seconds
         metrics = {
             "train/loss": total["loss"] / plan.optimizer_steps_per_batch, "train/entropy": total["entropy"] / tokens,

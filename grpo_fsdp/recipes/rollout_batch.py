@@ -26,6 +26,7 @@ import torch.distributed as dist
 from grpo_fsdp.algorithms.grpo import mask_truncated
 from grpo_fsdp.data.sft import SFTSample, collate
 from grpo_fsdp.rollout.base import Completion
+from grpo_fsdp.shared_prefix import pack
 
 
 @dataclass
@@ -78,20 +79,38 @@ def micro_batches(
     micro_batch_size: int,
     pad_id: int,
     drop_truncated: bool,
-) -> list[dict[str, torch.Tensor]]:
-    """Collated prompt + completion rows for `indices`, loss on completion tokens only.
+    shared_prefix: bool = True,
+) -> list[dict]:
+    """The micro-batches of `indices`, loss on completion tokens only.
 
-    Each dict: input_ids, attention_mask [n, L]; target_mask [n, L-1] (token t+1 is scored from
-    tokens <= t); adv [n]; index [n] (global completion index).
+    Each dict: inputs (the policy's keyword arguments, `to_device` moves them); target_mask; adv [n];
+    index [n] (global completion index); tokens (tokens the network processes).
+      shared_prefix  inputs = {"shared_prefix": SharedPrefix}: each prompt once, then its completions
+                     (`grpo_fsdp/shared_prefix.py`); target_mask [n, C] over completion tokens
+      padded         inputs = {input_ids, attention_mask} [n, L], prompt + completion rows;
+                     target_mask [n, L-1] (token t+1 is scored from tokens <= t)
     """
     out = []
     for lo in range(indices.start, indices.stop, micro_batch_size):
         idx = list(range(lo, min(lo + micro_batch_size, indices.stop)))
-        samples = [SFTSample(rollout.prompt_of(i) + rollout.tokens[i],
-                             [False] * len(rollout.prompt_of(i)) + [bool(keep[i])] * len(rollout.tokens[i])) for i in idx]
-        b = collate(samples, pad_id)
-        target = b.pop("loss_mask")[:, 1:]
+        if shared_prefix:
+            runs = list(dict.fromkeys(i // rollout.group_size for i in idx))  # prompt positions, in order
+            sp = pack([rollout.prompts[p] for p in runs], [rollout.tokens[i] for i in idx],
+                      [runs.index(i // rollout.group_size) for i in idx], pad_id)
+            inputs, target, tokens = {"shared_prefix": sp}, sp.completion_mask() & keep[idx][:, None], sp.real_tokens
+        else:
+            samples = [SFTSample(rollout.prompt_of(i) + rollout.tokens[i],
+                                 [False] * len(rollout.prompt_of(i)) + [bool(keep[i])] * len(rollout.tokens[i])) for i in idx]
+            b = collate(samples, pad_id)
+            target = b.pop("loss_mask")[:, 1:]
+            inputs, tokens = b, int(b["attention_mask"].sum())
         if drop_truncated:  # DAPO overlong filtering
             target = mask_truncated(target, rollout.truncated[idx])
-        out.append({**b, "target_mask": target, "adv": advantages[idx].float(), "index": torch.tensor(idx)})
+        out.append({"inputs": inputs, "target_mask": target, "adv": advantages[idx].float(), "index": torch.tensor(idx),
+                    "tokens": tokens})
     return out
+
+
+def to_device(inputs: dict, device) -> dict:
+    """A micro-batch's `inputs` on `device` (tensors and `SharedPrefix` both have `.to`)."""
+    return {k: v.to(device) for k, v in inputs.items()}

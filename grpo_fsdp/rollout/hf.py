@@ -4,12 +4,12 @@
 by `load_weights`) and decodes all prompts x G together, left-padded, one token per step:
 
     prefill   each distinct prompt once, then the cache rows are copied G times (GRPO samples G
-              completions of the same prompt; prefilling them G times would waste G-1 passes)
+              completions of the same prompt; prefilling them G times would waste G-1 passes),
+              into a cache preallocated to prompt + max_new_tokens (`kv_cache.py`: no per-step copies)
     decode    feed the last token of every live row with its own position id (left padding shifts
               each row's positions), sample in fp32 with our own loop, record the log-prob
     finish    a row that emits a stop token is done; once a quarter of the batch is done the done
-              rows are dropped from the batch and the cache (one gather, about the cost of one
-              DynamicCache step, which copies the whole cache anyway by concatenation)
+              rows are dropped from the batch and the cache (one gather of the filled positions)
 
 The sampler is ours rather than `model.generate` because the engine must report the log-prob of
 each sampled token under the temperature-scaled, *untruncated* distribution (see
@@ -33,9 +33,11 @@ import time
 from collections.abc import Iterable, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, StaticCache
+from transformers import AutoModelForCausalLM, PretrainedConfig, StaticCache
 
+from grpo_fsdp.attention import with_our_attention
 from grpo_fsdp.rollout.base import Completion, GenerationStats, SamplingConfig
+from grpo_fsdp.rollout.kv_cache import preallocated_cache
 from grpo_fsdp.rollout.noise import exponential_noise, stream_ids
 
 # Wrapper segments that torch.compile / activation checkpointing insert into parameter names.
@@ -118,8 +120,8 @@ class HFEngine:
         self.pad_token_id = eos[0] if pad_token_id is None else pad_token_id
         self.max_batch_size = max_batch_size
         self.static_cache = static_cache
-        with torch.device(self.device):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with torch.device(self.device):  # our attention: transformers' plus GQA without copies on CPU (attention.py)
+            self.model = AutoModelForCausalLM.from_config(with_our_attention(config), dtype=dtype)
         self.model.eval().requires_grad_(False)
         # name -> Parameter (tied names map to the same object) or persistent buffer
         self._targets: dict[str, torch.Tensor] = self.model.state_dict(keep_vars=True)
@@ -200,7 +202,7 @@ class HFEngine:
 
     # -- generation ----------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, keys: list[int] | None = None) -> list[Completion]:
         self._require_awake("generate")
         if self._missing:
@@ -256,7 +258,7 @@ class HFEngine:
             cache = StaticCache(config=self.model.config, max_cache_len=total_len)
             logits = self._forward_last(ids, mask, pos, cache)
         else:
-            cache = DynamicCache(config=self.model.config)
+            cache = preallocated_cache(self.model.config, P + max_new)
             logits = self._forward_last(ids, mask[:, :P], pos, cache)  # [distinct, V]
             row_of = {i: r for r, i in enumerate(distinct)}
             expand = torch.tensor([row_of[i] for i in owners], device=dev)  # [B] prefill row of each sequence
