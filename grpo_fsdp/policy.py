@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from grpo_fsdp.logprobs import chunked_token_logprobs
 from grpo_fsdp.attention import PREFIX
-from grpo_fsdp.shared_prefix import NO_MASKS, SharedPrefix
+from grpo_fsdp.logprobs import chunked_token_logprobs
+from grpo_fsdp.shared_prefix import SharedPrefix, mask_placeholder
 
 
 class Policy(nn.Module):
@@ -58,8 +58,8 @@ class Policy(nn.Module):
                 raise RuntimeError(f"Policy: attention {self.config._attn_implementation!r} does not take the shared-prefix "
                                    "layout; build the policy with attention.attention_name(...) or set algo.shared_prefix=false")
             sp = shared_prefix
-            hidden = self.model(input_ids=sp.input_ids, position_ids=sp.position_ids, attention_mask=NO_MASKS, use_cache=False,
-                                shared_prefix=sp).last_hidden_state[0]  # [T, H]
+            hidden = self.model(input_ids=sp.input_ids, position_ids=sp.position_ids, use_cache=False, shared_prefix=sp,
+                                attention_mask=mask_placeholder(sp.input_ids.device)).last_hidden_state[0]  # [T, H]
             sel = target_mask.nonzero(as_tuple=True)  # (completion, token) of each scored token
             hidden, targets = hidden[sp.predict_at[sel]], sp.targets[sel]  # [M, H], [M]
         else:

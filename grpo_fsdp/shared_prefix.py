@@ -33,45 +33,98 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-# Handed to the model as `attention_mask`: transformers takes a dict as masks already built and skips
-# building its own (which would be [T, T] for the flat row, and wrong).
-NO_MASKS = {"full_attention": None, "sliding_attention": None}
+
+def mask_placeholder(device) -> torch.Tensor:
+    """What the model gets as `attention_mask` with the shared-prefix layout: transformers returns a 4D mask
+    as it is instead of building one (which would be [T, T] for the flat row, and wrong); the shared-prefix
+    attention ignores it and uses each block's `key_mask`."""
+    return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+
+
+@dataclass
+class SuffixBlock:
+    """Completions of similar length, padded to the longest of them (`length_blocks`)."""
+
+    rows: torch.Tensor  # [n] long: which completions of the micro-batch, in layout order
+    owner: torch.Tensor  # [n] long: the run (prompt) of each
+    key_mask: torch.Tensor  # [n, 1, C, P+C] bool: which prompt + completion keys each completion query sees
+    length: int  # C
 
 
 @dataclass
 class SharedPrefix:
     """One micro-batch in the shared-prefix layout (see the module docstring). Built by `pack`."""
 
-    input_ids: torch.Tensor  # [1, T] long, T = R*P + N*C
+    input_ids: torch.Tensor  # [1, T] long, T = R*P + sum over blocks of n*C
     position_ids: torch.Tensor  # [1, T] long: 0.. in each prompt, len(prompt).. in each completion
-    owner: torch.Tensor  # [N] long: the run (prompt) of each completion
-    key_mask: torch.Tensor  # [N, 1, C, P+C] bool: which prompt + completion keys each completion query sees
-    predict_at: torch.Tensor  # [N, C] long: flat position whose hidden state predicts completion token t
-    targets: torch.Tensor  # [N, C] long: completion tokens (padding past each end)
+    predict_at: torch.Tensor  # [N, Cmax] long: flat position whose hidden state predicts completion token t
+    targets: torch.Tensor  # [N, Cmax] long: completion tokens (padding past each end)
     lengths: torch.Tensor  # [N] long: completion lengths
+    blocks: list[SuffixBlock]
     runs: int  # R
     prefix_len: int  # P
-    suffix_len: int  # C
     real_tokens: int  # prompt tokens once per run + completion tokens: what the network actually processes
 
     def to(self, device) -> SharedPrefix:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return SharedPrefix(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+        def move(obj):
+            return type(obj)(**{f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                                for f in fields(obj) for v in [getattr(obj, f.name)]})
+
+        out = move(self)
+        out.blocks = [move(b) for b in self.blocks]
+        return out
 
     def completion_mask(self) -> torch.Tensor:
-        """[N, C] bool: the real completion tokens."""
-        return torch.arange(self.suffix_len)[None, :] < self.lengths[:, None].cpu()
+        """[N, Cmax] bool: the real completion tokens."""
+        return torch.arange(self.targets.shape[1])[None, :] < self.lengths[:, None].cpu()
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], owner: list[int], pad_id: int) -> SharedPrefix:
+def length_blocks(lengths: list[int], max_blocks: int = 4, candidates: int = 32) -> list[list[int]]:
+    """Split completions into at most `max_blocks` groups of similar length, to cut padding.
+
+    Sorted by length (longest first), a block pads to its first member; the split minimises padded
+    tokens + 2 * max(lengths) per block (each block costs two more attention calls per layer). Splits
+    are considered only where the length changes, thinned to `candidates` places, so this stays
+    cheap for micro-batches of hundreds of completions.
+    """
+    order = sorted(range(len(lengths)), key=lambda n: -lengths[n])
+    sl = [max(lengths[n], 1) for n in order]
+    cuts = [i for i in range(1, len(sl)) if sl[i] < sl[i - 1]]
+    if len(cuts) > candidates:
+        cuts = [cuts[round(k * (len(cuts) - 1) / (candidates - 1))] for k in range(candidates)]
+    points = [0, *cuts, len(sl)]  # block boundaries are chosen among these
+    per_block = 2 * sl[0]
+    inf = float("inf")
+    # best[k][j]: least cost of covering sl[:points[j]] with k blocks; back[k][j]: the previous boundary
+    best = [[inf] * len(points) for _ in range(max_blocks + 1)]
+    back = [[0] * len(points) for _ in range(max_blocks + 1)]
+    best[0][0] = 0
+    for k in range(1, max_blocks + 1):
+        for j in range(1, len(points)):
+            for i in range(j):
+                cost = best[k - 1][i] + (points[j] - points[i]) * sl[points[i]] + per_block
+                if cost < best[k][j]:
+                    best[k][j], back[k][j] = cost, i
+    k = min(range(1, max_blocks + 1), key=lambda k: best[k][-1])
+    bounds, j = [], len(points) - 1
+    while k > 0:
+        i = back[k][j]
+        bounds.append((points[i], points[j]))
+        j, k = i, k - 1
+    return [order[lo:hi] for lo, hi in reversed(bounds)]
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], owner: list[int], pad_id: int,
+         max_blocks: int = 4) -> SharedPrefix:
     """The flat layout of `completions` (N), completion n answering `prompts[owner[n]]` (R prompts).
 
     Prompts must be non-empty; a completion may be empty (its row is all padding and predicts nothing).
+    `max_blocks` > 1 lets completions of different lengths pad to different lengths (`length_blocks`).
     """
     R, N = len(prompts), len(completions)
-    if R == 0 or N == 0 or len(owner) != N or min(map(len, prompts)) == 0:
-        raise ValueError(f"pack: need non-empty prompts and one owner per completion (got {R} prompts, {N} completions, "
-                         f"{len(owner)} owners)")
+    if R == 0 or N == 0 or len(owner) != N or min(map(len, prompts)) == 0 or not all(0 <= o < R for o in owner):
+        raise ValueError(f"pack: need non-empty prompts and one owner in [0, {R}) per completion (got {R} prompts, "
+                         f"{N} completions, owners {sorted(set(owner))[:8]})")
     P = max(map(len, prompts))
     C = max(max(map(len, completions)), 1)
     plen = torch.tensor([len(p) for p in prompts])  # [R]
@@ -81,45 +134,51 @@ def pack(prompts: list[list[int]], completions: list[list[int]], owner: list[int
     prefix = torch.full((R, P), pad_id, dtype=torch.long)
     for r, p in enumerate(prompts):
         prefix[r, : len(p)] = torch.tensor(p)
-    suffix = torch.full((N, C), pad_id, dtype=torch.long)
+    ids, positions = [prefix.flatten()], [torch.arange(P).repeat(R)]
+    targets = torch.full((N, C), pad_id, dtype=torch.long)
     for n, c in enumerate(completions):
-        suffix[n, : len(c)] = torch.tensor(c, dtype=torch.long)
-    steps = torch.arange(C)
-    positions = torch.cat([torch.arange(P).repeat(R), (plen[own][:, None] + steps).flatten()])
-
-    prompt_keys = torch.arange(P)[None, None, :] < plen[own][:, None, None]  # [N, 1, P] -> every query
-    causal = steps[None, :, None] >= steps[None, None, :]  # [1, C, C]
-    key_mask = torch.cat([prompt_keys.expand(N, C, P), causal.expand(N, C, C)], dim=-1)[:, None]  # [N, 1, C, P+C]
-
+        targets[n, : len(c)] = torch.tensor(c, dtype=torch.long)
     # token t of completion n is predicted by the prompt's last token (t = 0) or by its own token t-1
-    after_prompt = (own * P + plen[own] - 1)[:, None]  # [N, 1]
-    in_suffix = R * P + torch.arange(N)[:, None] * C + (steps[None, :] - 1).clamp(min=0)  # [N, C]
-    predict_at = torch.where(steps[None, :] == 0, after_prompt, in_suffix)
+    predict_at = (own * P + plen[own] - 1)[:, None].repeat(1, C)  # [N, C], t = 0 filled in for every t
+    blocks, start = [], R * P
+    for rows in length_blocks(clen.tolist(), max_blocks) if max_blocks > 1 else [list(range(N))]:
+        rows_t = torch.tensor(rows)
+        Cb = max(int(clen[rows_t].max()), 1)
+        steps = torch.arange(Cb)
+        ids.append(targets[rows_t, :Cb].flatten())
+        positions.append((plen[own[rows_t]][:, None] + steps).flatten())
+        prompt_keys = torch.arange(P)[None, None, :] < plen[own[rows_t]][:, None, None]  # [n, 1, P]
+        causal = steps[None, :, None] >= steps[None, None, :]  # [1, Cb, Cb]
+        key_mask = torch.cat([prompt_keys.expand(len(rows), Cb, P), causal.expand(len(rows), Cb, Cb)], dim=-1)[:, None]
+        in_block = start + torch.arange(len(rows))[:, None] * Cb + steps[None, :-1]  # [n, Cb-1]: tokens 1..Cb-1
+        predict_at[rows_t, 1:Cb] = in_block
+        blocks.append(SuffixBlock(rows=rows_t, owner=own[rows_t], key_mask=key_mask, length=Cb))
+        start += len(rows) * Cb
 
     return SharedPrefix(
-        input_ids=torch.cat([prefix.flatten(), suffix.flatten()])[None],
-        position_ids=positions[None],
-        owner=own,
-        key_mask=key_mask,
+        input_ids=torch.cat(ids)[None],
+        position_ids=torch.cat(positions)[None],
         predict_at=predict_at,
-        targets=suffix,
+        targets=targets,
         lengths=clen,
+        blocks=blocks,
         runs=R,
         prefix_len=P,
-        suffix_len=C,
         real_tokens=int(plen.sum() + clen.sum()),
     )
 
 
 def shared_prefix_attention(module, query, key, value, sp: SharedPrefix, dropout: float, scaling, sliding_window, **kwargs):
     """query [1, Hq, T, D], key/value [1, Hkv, T, D] (rotary applied) -> ([1, T, Hq, D], None)."""
-    R, P, C = sp.runs, sp.prefix_len, sp.suffix_len
-    N, cut = sp.owner.shape[0], sp.runs * sp.prefix_len
-    if query.shape[0] != 1 or query.shape[2] != cut + N * C:
-        raise ValueError(f"shared-prefix attention: got {tuple(query.shape)} for a layout of {R}x{P} + {N}x{C} tokens")
-    if sliding_window is not None and sliding_window < P + C:
-        raise NotImplementedError(f"shared-prefix attention does not implement sliding windows ({sliding_window} < {P + C} "
-                                  "tokens); set algo.shared_prefix=false")
+    R, P = sp.runs, sp.prefix_len
+    cut = R * P
+    longest = max(b.length for b in sp.blocks)
+    if query.shape[0] != 1 or query.shape[2] != cut + sum(len(b.rows) * b.length for b in sp.blocks):
+        raise ValueError(f"shared-prefix attention: got {tuple(query.shape)} for a layout of {R}x{P} prompt tokens + "
+                         f"{[(len(b.rows), b.length) for b in sp.blocks]} completion tokens")
+    if sliding_window is not None and sliding_window < P + longest:
+        raise NotImplementedError(f"shared-prefix attention does not implement sliding windows ({sliding_window} < "
+                                  f"{P + longest} tokens); set algo.shared_prefix=false")
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("shared-prefix attention does not implement logit soft-capping; set algo.shared_prefix=false")
     gqa = query.shape[1] != key.shape[1]
@@ -127,15 +186,18 @@ def shared_prefix_attention(module, query, key, value, sp: SharedPrefix, dropout
         rep = query.shape[1] // key.shape[1]
         key, value, gqa = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1), False
 
-    def rows(x, start, stop, n, length):  # [1, H, T, D] -> [n, H, length, D]
-        return x[0, :, start:stop].unflatten(1, (n, length)).transpose(0, 1)
+    def rows(x, start, n, length):  # [1, H, T, D] -> [n, H, length, D]
+        return x[0, :, start : start + n * length].unflatten(1, (n, length)).transpose(0, 1)
 
-    qp, kp, vp = (rows(x, 0, cut, R, P) for x in (query, key, value))
-    qs, ks, vs = (rows(x, cut, None, N, C) for x in (query, key, value))
-    out_p = F.scaled_dot_product_attention(qp, kp, vp, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-    keys = torch.cat([kp[sp.owner], ks], dim=2)  # [N, Hkv, P+C, D]: the prompt's keys, then the completion's
-    values = torch.cat([vp[sp.owner], vs], dim=2)
-    out_s = F.scaled_dot_product_attention(qs, keys, values, attn_mask=sp.key_mask, dropout_p=dropout, scale=scaling,
-                                           enable_gqa=gqa)
-    out = torch.cat([out_p.transpose(1, 2).flatten(0, 1), out_s.transpose(1, 2).flatten(0, 1)])  # [T, Hq, D]
-    return out[None], None
+    qp, kp, vp = (rows(x, 0, R, P) for x in (query, key, value))
+    outs = [F.scaled_dot_product_attention(qp, kp, vp, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)]
+    start = cut
+    for b in sp.blocks:
+        n = len(b.rows)
+        qs, ks, vs = (rows(x, start, n, b.length) for x in (query, key, value))
+        keys = torch.cat([kp[b.owner], ks], dim=2)  # [n, Hkv, P+C, D]: the prompt's keys, then the completion's
+        values = torch.cat([vp[b.owner], vs], dim=2)
+        outs.append(F.scaled_dot_product_attention(qs, keys, values, attn_mask=b.key_mask, dropout_p=dropout, scale=scaling,
+                                                   enable_gqa=gqa))
+        start += n * b.length
+    return torch.cat([o.transpose(1, 2).flatten(0, 1) for o in outs])[None], None  # [1, T, Hq, D]

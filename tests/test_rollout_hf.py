@@ -281,3 +281,15 @@ def test_samples_do_not_depend_on_batch_layout(engine):
     assert [c.token_ids for i in range(3, -1, -1) for c in reordered[3 * i : 3 * i + 3]] == want
     # another key is another stream
     assert [c.token_ids for c in engine.generate(PROMPTS, sampling, keys=[20, 21, 22, 23])] != want
+
+
+@pytest.mark.parametrize("max_logits_mb", [256, 1e-6])  # all prompts in one right-padded batch; one per forward
+def test_prompt_logprobs_match_single_prompt_forwards(engine, model0, max_logits_mb):
+    """The probe's engine side: every prompt token after the first, as one cache-free forward of that prompt alone."""
+    got = engine.prompt_logprobs(PROMPTS, max_logits_mb=max_logits_mb)
+    assert [len(g) for g in got] == [len(p) - 1 for p in PROMPTS]
+    for p, g in zip(PROMPTS, got):
+        with torch.no_grad():
+            logits = model0(input_ids=torch.tensor([p]), use_cache=False).logits[0, :-1].float()
+        want = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(p[1:])[:, None]).squeeze(-1)
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=0)

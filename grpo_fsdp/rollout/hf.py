@@ -181,17 +181,32 @@ class HFEngine:
             torch.cuda.current_stream(self.device).synchronize()
         self._asleep = 0
 
-    @torch.no_grad()
-    def prompt_logprobs(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompts: list[list[int]], max_logits_mb: float = 256) -> list[torch.Tensor]:
         """log_softmax(logits)[token t] of every prompt token after the first, [len(p) - 1] each (T = 1):
-        the engine's side of the weight-sync probe (`probe.check_sync`). One prompt at a time, no cache."""
+        the engine's side of the weight-sync probe (`probe.check_sync`). Right-padded batches, no cache,
+        as many prompts per forward as keep the fp32 logits under `max_logits_mb`."""
         self._require_awake("prompt_logprobs")
-        out = []
-        for p in prompts:
-            ids = torch.tensor([p], device=self.device)
-            logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [L-1, V]
-            out.append(torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1).cpu())
+        out, batch = [], []
+        per_token = self.model.config.vocab_size * 4 / 2**20  # MB of fp32 logits per position
+        for i, p in enumerate(prompts):
+            batch.append(p)
+            nxt = prompts[i + 1] if i + 1 < len(prompts) else None
+            if nxt is None or (len(batch) + 1) * max(*map(len, batch), len(nxt)) * per_token > max_logits_mb:
+                out += self._prompt_logprobs_batch(batch)
+                batch = []
         return out
+
+    def _prompt_logprobs_batch(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        longest = max(map(len, prompts))
+        ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)], mask[r, : len(p)] = torch.tensor(p), 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()  # [B, L-1, V]
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
+        return [logp[r, : len(p) - 1].cpu() for r, p in enumerate(prompts)]
 
     def close(self) -> None:
         """Nothing to release beyond Python's own garbage collection (the vLLM engine has a real one)."""
