@@ -26,9 +26,11 @@ import os
 import signal
 import time
 from collections import deque
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from multiprocessing.connection import wait
+from typing import Self
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
@@ -136,7 +138,12 @@ _OK, _NO_ANSWER, _ERROR, _TIMEOUT = "ok", "no_answer", "error", "timeout"
 def _worker_loop(conn) -> None:
     """Grade (kind, answer text, gold) tasks from the pipe until None or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; no worker tracebacks
-    _parse_gold("1")  # import sympy/antlr and warm caches before saying ready (not billed to a sample)
+    # Import sympy and the LaTeX parser, and build the extraction regexes and parsers of both answer kinds,
+    # before saying ready: the first graded step took 0.35 s instead of 0.03 s without this (tiny benchmark).
+    _parse_gold("1")
+    for kind, text, gold in (("box", "\\frac{1}{2}", "0.5"), ("tail", "so the answer is $18.00", "18")):
+        with suppress(Exception):  # a warm-up, not a check: grading errors are counted per sample later
+            _grade_answer(kind, text, gold)
     conn.send(_READY)
     while True:
         try:
@@ -346,7 +353,7 @@ class RewardScorer:
             w.conn.close()
         self._workers = []
 
-    def __enter__(self) -> RewardScorer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -136,6 +136,7 @@ def test_timed_out_worker_is_killed_and_replaced():
 
 
 def test_worker_that_died_while_idle_is_replaced(scorer):
+    scorer.wait_ready()  # idle = ready and waiting: a worker dying before it is ready is a startup failure
     _score(scorer, ["\\boxed{1}"], ["1"])
     victim = scorer._workers[0].proc
     os.kill(victim.pid, signal.SIGKILL)

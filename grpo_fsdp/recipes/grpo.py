@@ -32,6 +32,7 @@ from grpo_fsdp.export import export_hf
 from grpo_fsdp.faults import maybe_fault
 from grpo_fsdp.logging import make_logger
 from grpo_fsdp.models import build_policy, load_tokenizer
+from grpo_fsdp.optim import build_optimizer
 from grpo_fsdp.plan import BatchPlan
 from grpo_fsdp.preemption import Preemption
 from grpo_fsdp.recipes.periodic_eval import PeriodicEval
@@ -129,7 +130,7 @@ def run(cfg: Config) -> int:
                           num_workers=g.reward_workers, timeout_s=g.reward_timeout_s)
     policy, hf_conf = build_policy(cfg.model, cfg.hardware, tokenizer, d, t.seed, t.logprob_chunk_size)
     reference = build_policy(cfg.model, cfg.hardware, tokenizer, d, t.seed, t.logprob_chunk_size)[0].eval() if g.beta > 0 else None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = build_optimizer(policy.parameters(), o)
     plan = BatchPlan.from_config(cfg, d.world_size)
     scheduler = build_scheduler(optimizer, o, t.max_steps * plan.optimizer_steps_per_batch)
     engine = engine_from_config(cfg, hf_conf, tokenizer, d.device, d.rank, run_dir)  # auto: vLLM if it imports

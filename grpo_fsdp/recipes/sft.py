@@ -28,6 +28,7 @@ from grpo_fsdp.export import export_hf
 from grpo_fsdp.faults import maybe_fault
 from grpo_fsdp.logging import make_logger
 from grpo_fsdp.models import build_policy, load_tokenizer
+from grpo_fsdp.optim import build_optimizer
 from grpo_fsdp.plan import BatchPlan
 from grpo_fsdp.preemption import Preemption
 from grpo_fsdp.schedule import build_scheduler
@@ -51,7 +52,7 @@ def run(cfg: Config) -> int:
     # 2. model, optimizer, schedule
     policy, hf_conf = build_policy(cfg.model, cfg.hardware, tokenizer, d, t.seed, t.logprob_chunk_size)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = build_optimizer(policy.parameters(), o)
     scheduler = build_scheduler(optimizer, o, t.max_steps)
 
     # 3. resume
