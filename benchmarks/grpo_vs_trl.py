@@ -37,7 +37,11 @@ Not matched (worth knowing when reading the numbers): the random streams differ 
 not give the same samples), so completion lengths and rewards differ a little per step; TRL's
 advantage std is the unbiased one, ours the population std; ours keeps a second, unsharded copy
 of the weights in its engine (TRL generates with the training model itself); ours saves a final
-checkpoint after the last step (outside the timed window).
+checkpoint after the last step (outside the timed window). How each side computes is its own:
+ours trains each prompt once per micro-batch with its G completions attending to it
+(grpo_fsdp/shared_prefix.py; the same log-probs and gradients as repeating it, tested), decodes
+into a preallocated KV cache in inference mode and steps a fused AdamW; TRL repeats the prompt in
+each of the G rows and generates with `model.generate`.
 
 Measured:
   runs      each side runs --repeats times (own process each time), the order alternating between
