@@ -44,11 +44,16 @@ from grpo_fsdp.rollout.probe import check_sync
 from grpo_fsdp.schedule import build_scheduler
 
 
-def sync_weights(policy, engine, probes: list[list[int]], tolerance: float, device) -> float:
+def sync_weights(policy, engine, probes: list[list[int]], tolerance: float, device, first: bool = False) -> float | None:
     """Gather each parameter in turn (never the whole model at once) into the engine's copy, then
-    check that both score the probe prompts alike (`rollout/probe.py`). Returns the largest gap."""
+    check that both score the probe prompts alike (`rollout/probe.py`). Returns the largest gap, or
+    None when not probed: engines whose load is exact by construction (`probe_every_sync = False`,
+    the transformers engine) are probed at the first sync only, which checks the name mapping and
+    that both forwards agree; vLLM (its own loaders, sleep and wake) at every sync."""
     engine.load_weights((name, p) for name, p in policy.named_parameters())
-    return check_sync(engine, policy, probes, tolerance, device) if probes else 0.0
+    if not probes or not (first or getattr(engine, "probe_every_sync", True)):
+        return None
+    return check_sync(engine, policy, probes, tolerance, device)
 
 
 class Phases:
@@ -142,7 +147,7 @@ def run(cfg: Config) -> int:
     ckpt = Checkpointer(f"{run_dir}/checkpoints", cfg.checkpoint.keep_last)
     source = ckpt.latest() if cfg.checkpoint.resume == "auto" else (None if cfg.checkpoint.resume == "none" else cfg.checkpoint.resume)
     start = ckpt.load(source, policy, optimizer, scheduler).step if source is not None else 0
-    sync_weights(policy, engine, probes, tolerance, d.device)
+    first_gap = sync_weights(policy, engine, probes, tolerance, d.device, first=True)  # logged with the first step
     logger = make_logger(d.rank, run_dir=run_dir, cfg=cfg.logging, config_yaml=redacted_yaml(cfg), total_steps=t.max_steps,
                          run_name=run_dir.rstrip("/").split("/")[-1], world_size=d.world_size, start_step=start, device=d.device)
     logger.print(plan.format_table())
@@ -197,6 +202,7 @@ def run(cfg: Config) -> int:
         with phases("sync"):
             engine.wake_up()
             probe_gap = sync_weights(policy, engine, probes, tolerance, d.device)
+            probe_gap, first_gap = (first_gap if probe_gap is None else probe_gap), None
 
         # 7. log one dict (sums over ranks)
         keys = ("loss", "tokens", "entropy", "clip_low", "clip_high", "kl")
@@ -218,7 +224,8 @@ def run(cfg: Config) -> int:
             "reward/parse_failures": distributed.all_reduce_sum(scored.parse_failures, d.device),
             **_stats("train/advantage_", adv),
             "rollout/completion_length_mean": lengths.mean().item(), "rollout/completion_length_max": lengths.max().item(),
-            "rollout/truncation_rate": rollout.truncated.float().mean().item(), "rollout/probe_max_abs_diff": probe_gap,
+            "rollout/truncation_rate": rollout.truncated.float().mean().item(),
+            **({} if probe_gap is None else {"rollout/probe_max_abs_diff": probe_gap}),
             "perf/generation_tokens_per_s": lengths.sum().item() / max(seconds["generate"], 1e-9),
             "perf/training_tokens_per_s": distributed.all_reduce_sum(trained, d.device) / max(seconds["train"], 1e-9),
             **phases.metrics(),

@@ -97,6 +97,11 @@ class HFEngine:
     max_batch_size: at most this many sequences decode together (None: all prompts x n at once).
     """
 
+    # `load_weights` copies each tensor by name into this engine's own parameters, checking names and
+    # shapes, and `generate` refuses weights discarded by sleep(2): nothing a later probe could catch that
+    # the first one (recipes/grpo.py) did not. vLLM's loaders, sleep and wake are probed at every sync.
+    probe_every_sync = False
+
     def __init__(
         self,
         config: PretrainedConfig,
