@@ -64,6 +64,8 @@ def _dotlist(argv: list[str]) -> list[str]:
                               "write options as key=value, e.g. python -m eval model=outputs/run/hf tasks=[gsm8k]")
         if key == "tasks" and not value.strip().startswith("["):
             value = f"[{value}]"  # tasks=gsm8k means tasks=[gsm8k]
+        if value == "":  # instruction='' reaches us as "instruction=": an empty string, as Hydra reads it, not null
+            value = "''"
         items.append(f"{key}={value}")
     return items
 

@@ -250,3 +250,11 @@ def test_cli_missing_model_is_one_line(tmp_path):
     assert proc.returncode == 2
     expected = f"error: model={str(tmp_path / 'no-such-model')!r}: no such directory; "
     assert proc.stderr.strip().splitlines() == [expected + "point it at a saved model (e.g. <run_dir>/hf) or a hub id"]
+
+
+def test_empty_value_is_an_empty_string(tmp_path):
+    """`instruction=''` in a shell arrives as "instruction=": the empty string (as Hydra reads it), not null."""
+    from eval.options import parse_options
+
+    assert parse_options([f"model={tmp_path}", "instruction="]).instruction == ""
+    assert parse_options([f"model={tmp_path}", "instruction=Answer briefly."]).instruction == "Answer briefly."
