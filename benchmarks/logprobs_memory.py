@@ -11,9 +11,11 @@ states and the head weight (both require grad, as in training):
   full        log_softmax(hidden @ W.T, -1).gather(targets): plain autograd, which keeps the
               [seq, vocab] logits and their log_softmax for backward;
   <n>         grpo_fsdp.logprobs.chunked_token_logprobs(hidden, W, targets, chunk_size=n):
-              n tokens at a time under activation checkpointing (the chunk's logits are
-              recomputed in backward);
-  all         the same with chunk_size = seq: one chunk, still checkpointed.
+              n tokens at a time, keeping only each token's log-normaliser; its hand-written
+              backward recomputes a chunk's logits at a time and accumulates W's gradient in
+              one [V, H] buffer (until 2026-11-23 it was activation checkpointing per chunk,
+              whose backward allocated a [V, H] gradient per chunk: the first results below);
+  all         the same with chunk_size = seq: one chunk.
 
 Every variant runs in its own process (python's and torch's allocations are counted alike only
 by the kernel), so its numbers do not depend on what ran before it:
@@ -29,9 +31,9 @@ by the kernel), so its numbers do not depend on what ran before it:
   check       max |logp - logp_full| and the relative difference of |hidden.grad| against the
               full variant: chunking must not change the result.
 
-The expected extra memory of a chunk is chunk x vocab x 4 bytes of logits, about twice over (the
-softmax and its gradient): 155 MB per 256 tokens at this vocabulary; the full variant keeps
-seq x vocab x 4 bytes (1.24 GB at 2048 tokens) several times over.
+The expected extra memory of a chunk is chunk x vocab x 4 bytes of logits, a few times over (the
+logits, the softmax and the logits' gradient): 155 MB per copy per 256 tokens at this vocabulary;
+the full variant keeps seq x vocab x 4 bytes (1.24 GB at 2048 tokens) several times over.
 
 Writes benchmarks/results/logprobs_memory.json and appends a dated section to
 benchmarks/results/logprobs_memory.md.

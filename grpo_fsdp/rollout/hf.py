@@ -136,6 +136,8 @@ class HFEngine:
         self._asleep = 0  # 0 awake, else the sleep level
         self._eos = torch.tensor(eos, device=self.device)
         self._step = torch.compile(self._forward_last, dynamic=None) if compile else self._forward_last
+        # SDPA takes a boolean [B, 1, 1, L] padding mask for a one-token step; FlashAttention-2 wants the 2D mask
+        self._decode_mask_4d = self.model.config._attn_implementation in ("sdpa", "grpo_fsdp+sdpa")
         self.last_stats = GenerationStats()
         self.total_stats = GenerationStats()
 
@@ -284,6 +286,8 @@ class HFEngine:
             expand = torch.tensor([row_of[i] for i in owners], device=dev)  # [B] prefill row of each sequence
             cache.batch_select_indices(expand)  # copies each prompt's cache rows G times
             logits, mask, next_pos = logits[expand], mask[expand], next_pos[expand]
+            if self._decode_mask_4d:  # one token attends to every real key so far: [B, 1, 1, L] as SDPA takes it,
+                mask = mask.bool()[:, None, None, :]  # handed over as built (transformers skips its mask code)
         stats.prefill_seconds += time.perf_counter() - t0
 
         B = len(owners)
@@ -310,7 +314,7 @@ class HFEngine:
                 cache.batch_select_indices(keep)
                 rows, done, tok, mask, next_pos = rows[keep], done[keep], tok[keep], mask[keep], next_pos[keep]
             feed = torch.where(done, pad, tok)[:, None]  # finished rows read padding; their output is ignored
-            step_mask = mask if self.static_cache else mask[:, : P + t + 1]
+            step_mask = mask if self.static_cache else mask[..., : P + t + 1]
             logits = self._step(feed, step_mask, next_pos[:, None], cache)
             next_pos = next_pos + 1
 
