@@ -28,7 +28,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
     header = f"config ok: hardware={cfg.hardware.name} model={cfg.model.name} data={cfg.data.name} algo={cfg.algo.name} world_size={world_size}"
     plan = BatchPlan.from_config(cfg, world_size).format_table()
     memory = format_table(estimate_memory(cfg, world_size), cfg.hardware.gpu_memory_gib)
-    return "\n\n".join([header, plan, memory])
+    return f"{header}\n\n{plan}\n\n{memory}"
 
 
 def main(overrides: list[str]) -> int:

@@ -23,13 +23,7 @@ from grpo_fsdp.rollout.kv_cache import PreallocatedLayer, preallocated_cache
 VOCAB, PAD, EOS = 300, 0, 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 64-wide model gains nothing from intra-op threads on a loaded 2-core machine: use one, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(kv_heads: int = 2, attn: str = "sdpa", **kwargs) -> Qwen2Config:

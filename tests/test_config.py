@@ -88,11 +88,11 @@ def test_bad_config_fails_in_one_line(overrides, field, capsys):
 
 def test_bad_config_from_the_shell_has_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "grpo_fsdp.train", "train.global_batch_size=30"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: train.global_batch_size: 30 is not divisible by micro_batch_size 8 x world size 1 = 8; "
-        "use a multiple of 8, e.g. train.global_batch_size=24"]
+        ("error: train.global_batch_size: 30 is not divisible by micro_batch_size 8 x world size 1 = 8; "
+         "use a multiple of 8, e.g. train.global_batch_size=24")]
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))

@@ -54,5 +54,5 @@ def test_missing_model_dir_is_one_line(tmp_path):
     proc = run_train([*FEW, f"model.path={tmp_path}/nothing/here"], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: model.path: directory '{tmp_path}/nothing/here' does not exist; "
-        "point model.path at a saved model directory or a hub id like Qwen/Qwen2.5-1.5B"]
+        (f"error: model.path: directory '{tmp_path}/nothing/here' does not exist; "
+         "point model.path at a saved model directory or a hub id like Qwen/Qwen2.5-1.5B")]

@@ -40,14 +40,7 @@ def make_engine(state: dict[str, torch.Tensor], **kwargs) -> HFEngine:
     return engine
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 64-wide model gains nothing from intra-op threads, and OpenMP threads that spin-wait on a
-    loaded 2-core machine made this module 10x slower (85 s vs 7 s, measured): use one, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from grpo_fsdp.shared_prefix import pack
 VOCAB, PAD = 300, 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 64-wide model gains nothing from intra-op threads on a loaded 2-core machine: use one, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- pack, by hand
