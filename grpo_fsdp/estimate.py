@@ -131,10 +131,11 @@ def _activation_bytes(cfg: Config, vocab: int) -> int:
         blocks = arch.num_layers * tokens * arch.hidden_size * c + one_layer
     else:
         blocks = arch.num_layers * one_layer
-    # Chunked LM head (logprobs.py): one chunk of fp32 logits and about as much again for the
-    # log-softmax / its gradient; never the full [tokens, V] tensor.
+    # Chunked LM head (logprobs.py): in its backward, a chunk's fp32 logits, their softmax and the logits'
+    # gradient, about 4 copies of [chunk, V] (measured 3.9 at V = 151,665, benchmarks/logprobs_memory.py);
+    # never the full [tokens, V] tensor.
     chunk = min(cfg.train.logprob_chunk_size, tokens)
-    return blocks + chunk * vocab * 4 * 2
+    return blocks + chunk * vocab * 4 * 4
 
 
 @dataclass(frozen=True)

@@ -84,21 +84,21 @@ def test_small_estimate_full_shard_with_checkpointing():
     assert est.gradients == 4 * P // 2
     assert est.optimizer == 8 * P // 2
     # saved block inputs: layers * tokens * h * 2 bytes; one block in full: 34 * tokens * h (bf16)
-    # logits: min(chunk 16, tokens 30) * V * 4 bytes * 2
-    assert est.activations == 2 * TOKENS * 8 * 2 + 34 * TOKENS * 8 + 16 * 100 * 4 * 2
+    # logits: min(chunk 16, tokens 30) * V * 4 bytes * 4 copies
+    assert est.activations == 2 * TOKENS * 8 * 2 + 34 * TOKENS * 8 + 16 * 100 * 4 * 4
     assert est.total == est.weights + est.gradients + est.optimizer + est.activations
     assert est.cpu_bytes == 0 and est.trainable_params == P
 
 
 def test_small_estimate_without_checkpointing():
     est = estimate_memory(small("hardware.activation_checkpointing=false"), world_size=2)
-    assert est.activations == 2 * 34 * TOKENS * 8 + 16 * 100 * 4 * 2
+    assert est.activations == 2 * 34 * TOKENS * 8 + 16 * 100 * 4 * 4
 
 
 def test_fp32_compute_scales_activations_and_gathered_copy():
     est = estimate_memory(small("hardware.param_dtype=float32", "hardware.activation_checkpointing=false"), 2)
     assert est.weights == 4 * P // 2 + 4 * (2 * LAYER + ROOT)
-    assert est.activations == 2 * 34 * TOKENS * 8 * 2 + 16 * 100 * 4 * 2
+    assert est.activations == 2 * 34 * TOKENS * 8 * 2 + 16 * 100 * 4 * 4
 
 
 def test_cpu_offload_moves_sharded_state_to_cpu():
