@@ -80,6 +80,7 @@ class ArchConfig:
 class ModelConfig:
     name: str = "tiny"
     path: str = ""  # hub id or local directory; empty builds the tiny model from `arch`
+    tokenizer: str = ""  # hub id or local directory of the tokenizer; empty: path's, or the byte-level tiny one
     template: str = "auto"  # auto (chat template if the tokenizer has one) | chat | plain
     trust_remote_code: bool = False
     arch: ArchConfig = field(default_factory=ArchConfig)
@@ -143,6 +144,7 @@ class GRPOConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 128
+    ignore_eos: bool = False  # benchmarks: never stop at EOS, every completion max_new_tokens long (forced lengths)
     loss: str = "dapo"  # dapo (token mean over the step) | grpo | dr_grpo | bnpo
     advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
     clip_eps_low: float = 0.2

@@ -37,14 +37,16 @@ def attention_backend(requested: str, device_type: str) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig):
-    if not cfg.path:
+    """`model.tokenizer`, else the model's own, else (the tiny model) the byte-level tokenizer."""
+    source, field_ = (cfg.tokenizer, "model.tokenizer") if cfg.tokenizer else (cfg.path, "model.path")
+    if not source:
         from grpo_fsdp.tokenizer import build_tiny_tokenizer
 
         return build_tiny_tokenizer()
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"model.path={cfg.path!r}: cannot load a tokenizer ({str(e).splitlines()[0]}); "
+        raise UserError(f"{field_}={source!r}: cannot load a tokenizer ({str(e).splitlines()[0]}); "
                         "use a local model directory or a reachable hub id") from None
     if tok.pad_token is None:  # many base models ship without one; padding is masked anyway
         tok.pad_token = tok.eos_token

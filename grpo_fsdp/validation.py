@@ -51,6 +51,8 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
         raise ConfigError("model.path", f"is empty for model {model.name!r}", "set model.path=<hub id or local directory>")
     if model.path and _looks_local(model.path) and not os.path.isdir(os.path.expanduser(model.path)):
         raise ConfigError("model.path", f"directory {model.path!r} does not exist", "point model.path at a saved model directory or a hub id like Qwen/Qwen2.5-1.5B")
+    if model.tokenizer and _looks_local(model.tokenizer) and not os.path.isdir(os.path.expanduser(model.tokenizer)):
+        raise ConfigError("model.tokenizer", f"directory {model.tokenizer!r} does not exist", "point model.tokenizer at a tokenizer directory or a hub id, or leave it empty")
     _choice("model.template", model.template, TEMPLATES)
     for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
         _positive(f"model.arch.{name}", getattr(model.arch, name))

@@ -78,6 +78,14 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture
+def qwen_tokenizer_dir() -> Path:
+    path = SHARED / "tokenizers" / "qwen2.5"
+    if not path.is_dir():
+        pytest.skip("../shared/tokenizers/qwen2.5 is absent (a fresh clone without the shared folder)")
+    return path
+
+
 # A toy task for the SMALL model: sums of 2-3 operands in 0..9, no instruction after the question.
 TOY = ["data.arithmetic.max_operand=9", "data.arithmetic.ops=[+]", "data.arithmetic.num_train=256", "data.arithmetic.num_test=50",
        "data.instruction=''"]

@@ -62,6 +62,7 @@ BAD = [
     (["data.max_length=100", "data.max_prompt_length=128"], "data.max_length"),
     (["data=gsm8k", "data.hub_id=", "data.path="], "data.path"),
     (["data.path=/no/such/file.jsonl"], "data.path"),
+    (["model.tokenizer=/no/such/tokenizer"], "model.tokenizer"),
     (["optim.schedule=exponential"], "optim.schedule"),
     (["hardware.attn_implementation=flash3"], "hardware.attn_implementation"),
     (["algo=ppo"], "algo"),

@@ -3,8 +3,13 @@ independence from world size and micro-batch size, and learning on a toy task.
 
 The maths is tested against hand-computed values in test_grpo_math.py."""
 
+import shutil
+
 import pytest
 from conftest import SMALL, TOY, read_metrics, run_train
+from safetensors.torch import load_file, save_file
+
+from grpo_fsdp.tokenizer import build_tiny_tokenizer
 
 KEYS = {"train/loss", "train/kl", "train/entropy", "train/clip_frac_low", "train/clip_frac_high", "train/grad_norm",
         "reward/mean", "reward/std", "reward/min", "reward/max", "reward/correct_rate", "reward/timeouts",
@@ -31,6 +36,28 @@ def test_grpo_steps_log_every_metric(tmp_path):
         assert 0 <= r["rollout/truncation_rate"] <= 1
         # group-normalised advantages have mean 0 over the rollout
         assert abs(r["train/advantage_mean"]) < 1e-6
+
+
+def test_ignore_eos_forces_every_completion_to_max_new_tokens(tmp_path, sft_tiny):
+    """`algo.ignore_eos` (forced lengths, benchmarks/grpo_step.py). The SFT model's EOS row is made
+    twice the row of the digit 1, so it stops early often (checked without the flag); with the flag
+    every completion runs to max_new_tokens and counts as truncated."""
+    model = tmp_path / "stops_early"
+    shutil.copytree(sft_tiny, model)
+    state = load_file(str(model / "model.safetensors"))
+    tok = build_tiny_tokenizer()
+    state["lm_head.weight"][tok.eos_token_id] = 2 * state["lm_head.weight"][tok.convert_tokens_to_ids(tok.tokenize("1"))[0]]
+    save_file(state, str(model / "model.safetensors"))
+    rows = {}
+    for forced in (False, True):
+        run_dir = tmp_path / f"forced_{forced}"
+        run_train([*SMALL, *TOY, *GRPO, f"model.path={model}", f"run_dir={run_dir}", "train.max_steps=1",
+                   "algo.prompts_per_step=2", "algo.group_size=4", "train.global_batch_size=8", "algo.max_new_tokens=24",
+                   f"algo.ignore_eos={str(forced).lower()}", "optim.warmup_steps=0"])
+        (rows[forced],) = read_metrics(run_dir)
+    assert rows[False]["rollout/truncation_rate"] < 1.0 and rows[False]["rollout/completion_length_mean"] < 24
+    assert rows[True]["rollout/completion_length_mean"] == rows[True]["rollout/completion_length_max"] == 24
+    assert rows[True]["rollout/truncation_rate"] == 1.0
 
 
 def _close(a, b, rel=1e-5, abs_=1e-7):

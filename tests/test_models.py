@@ -56,3 +56,19 @@ def test_missing_model_dir_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         (f"error: model.path: directory '{tmp_path}/nothing/here' does not exist; "
          "point model.path at a saved model directory or a hub id like Qwen/Qwen2.5-1.5B")]
+
+
+def test_a_model_built_from_shapes_takes_a_real_tokenizer(qwen_tokenizer_dir):
+    """`model.tokenizer` with `model.path` empty: random weights of any shape (benchmarks/grpo_step.py)
+    with Qwen2.5's tokenizer, whose 151,665 tokens fit in the architecture's 151,936 rows."""
+    from grpo_fsdp.config import ArchConfig, ModelConfig
+    from grpo_fsdp.models import hf_config, load_tokenizer
+
+    cfg = ModelConfig(tokenizer=str(qwen_tokenizer_dir), arch=ArchConfig(vocab_size=151936))
+    tok = load_tokenizer(cfg)
+    # the instruct tokenizer: <|im_end|> ends a turn, <|endoftext|> pads
+    assert (len(tok), tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == (
+        151665, "<|im_end|>", 151645, "<|endoftext|>", 151643)
+    conf = hf_config(cfg, tok, "sdpa")
+    assert (conf.vocab_size, conf.eos_token_id, conf.pad_token_id) == (151936, 151645, 151643)
+    assert tok("12+7=19").input_ids == [16, 17, 10, 22, 28, 16, 24]  # Qwen2.5 splits digits one by one

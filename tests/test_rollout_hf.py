@@ -6,6 +6,8 @@ recomputed by one cache-free forward of prompt + completion, greedy decoding by 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
@@ -186,6 +188,19 @@ def test_finished_rows_leave_the_batch_without_changing_the_others(model0):
     for c in compacting:
         expected = recompute_logprobs(model, PROMPTS[c.prompt_index], c, 0.7)
         torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
+
+
+def test_ignore_eos_runs_every_sample_to_max_new_tokens(model0):
+    """Forced lengths (benchmarks): the same samples, continued past the EOS where they stopped."""
+    state = eos_boosted_state(model0)
+    sampling = SamplingConfig(n=4, temperature=0.7, top_k=50, max_new_tokens=24, seed=11)
+    stopping = make_engine(state).generate(PROMPTS, sampling)
+    forced = make_engine(state).generate(PROMPTS, dataclasses.replace(sampling, ignore_eos=True))
+    assert sum(c.finish_reason == "stop" for c in stopping) >= 4
+    assert all(f.finish_reason == "length" and len(f.token_ids) == len(f.logprobs) == 24 for f in forced)
+    for c, f in zip(stopping, forced):  # counter-based noise: position t draws the same numbers either way
+        assert f.token_ids[: len(c.token_ids)] == c.token_ids
+        torch.testing.assert_close(torch.tensor(f.logprobs[: len(c.logprobs)]), torch.tensor(c.logprobs), atol=1e-5, rtol=0)
 
 
 # (f) load_weights replaces the model: a reload equals a fresh engine built with those weights

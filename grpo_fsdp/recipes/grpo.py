@@ -169,7 +169,7 @@ def run(cfg: Config) -> int:
         with phases("generate"):
             ids = global_batch_indices([len(p) for p in prompts], g.prompts_per_step, step, t.seed, False)
             sampling = SamplingConfig(n=g.group_size, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                      max_new_tokens=g.max_new_tokens, seed=t.seed * 1_000_003 + step)
+                                      max_new_tokens=g.max_new_tokens, seed=t.seed * 1_000_003 + step, ignore_eos=g.ignore_eos)
             completions = engine.generate([prompts[i] for i in ids[lo:hi]], sampling, keys=list(range(lo, hi)))
             engine.sleep(cfg.rollout.sleep_level)  # the trainer's turn on the device
 
