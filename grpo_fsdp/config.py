@@ -217,6 +217,7 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end (and on SIGTERM)
+    save_final: bool = True  # false: no checkpoint at the end (benchmarks; SIGTERM still saves)
     keep_last: int = 2
     resume: str = "none"  # none | auto | <path to a checkpoint directory>
     export_hf: bool = True  # write <run_dir>/hf (safetensors) at the end

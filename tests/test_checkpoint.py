@@ -116,3 +116,12 @@ def test_metadata_unpickler_rejects_foreign_classes(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
         SafeFileSystemReader(str(tmp_path)).read_metadata()
+
+
+def test_save_final_false_keeps_periodic_checkpoints_only(tmp_path):
+    """checkpoint.save_final=false (benchmarks): step 2 of 3 is saved by every_steps=2, the end is not."""
+    run_dir = tmp_path / "run"
+    run_train([*SMALL, f"run_dir={run_dir}", "train.max_steps=3", "checkpoint.every_steps=2", "checkpoint.save_final=false",
+               "checkpoint.export_hf=false"])
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002"]

@@ -57,15 +57,18 @@ def sync_weights(policy, engine, probes: list[list[int]], tolerance: float, devi
 
 
 class Phases:
-    """Wall seconds per phase of a step: `with phases("generate"): ...` -> {"perf/generate_seconds": s}."""
+    """Wall seconds per phase of a step: `with phases("generate"): ...` -> {"perf/generate_seconds": s}.
+    On CUDA each phase ends with a synchronize, so queued kernels count in the phase that launched them."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.seconds: dict[str, float] = defaultdict(float)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     @contextmanager
     def __call__(self, name: str):
         tick = time.perf_counter()
         yield
+        self.sync()
         self.seconds[name] += time.perf_counter() - tick
 
     def metrics(self) -> dict[str, float]:
@@ -164,7 +167,7 @@ def run(cfg: Config) -> int:
 
     scorer.wait_ready()  # not during step 1's rollout
     for step in range(start, t.max_steps):
-        phases = Phases()
+        phases = Phases(d.device)
         # 3. rollout: this rank's slice of the step's prompts, G completions each, keyed by global position
         with phases("generate"):
             ids = global_batch_indices([len(p) for p in prompts], g.prompts_per_step, step, t.seed, False)
@@ -241,7 +244,7 @@ def run(cfg: Config) -> int:
             ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
             logger.print(f"SIGTERM: saved checkpoint at step {step + 1}; exiting (resume with checkpoint.resume=auto)")
             break
-        if step + 1 == t.max_steps or (every and (step + 1) % every == 0):
+        if (step + 1 == t.max_steps and cfg.checkpoint.save_final) or (every and (step + 1) % every == 0):
             ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
         maybe_fault("after_step", step + 1)
     else:

@@ -115,7 +115,7 @@ def run(cfg: Config) -> int:
             logger.print(f"SIGTERM: saved checkpoint at step {step + 1}; exiting (resume with checkpoint.resume=auto)")
             logger.close()
             return 0
-        if done or (every and (step + 1) % every == 0):
+        if (done and cfg.checkpoint.save_final) or (every and (step + 1) % every == 0):
             ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
         maybe_fault("after_step", step + 1)
 
