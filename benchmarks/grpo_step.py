@@ -116,8 +116,11 @@ def summarise(rows: list[dict], warmup: int, max_new_tokens: int) -> dict:
 
 def table_row(meta: dict, args, cfg, s: dict) -> str:
     ph = s["phase_seconds"]
-    mem = (f"{s['cuda_max_allocated_gib']:.1f} GiB alloc, {s['gpu_memory_used_gib']:.1f} GiB NVML" if s["cuda_max_allocated_gib"]
-           else f"RSS {s['peak_rss_gib']:.2f} GiB")  # fmt: skip
+    if s["cuda_max_allocated_gib"]:  # NVML is missing where pynvml or the driver library is
+        nvml = "" if s["gpu_memory_used_gib"] is None else f", {s['gpu_memory_used_gib']:.1f} GiB NVML"
+        mem = f"{s['cuda_max_allocated_gib']:.1f} GiB alloc{nvml}"
+    else:
+        mem = f"RSS {s['peak_rss_gib']:.2f} GiB"
     cells = [meta["date"], meta["device"], args.model, cfg.hardware.name, meta["world_size"], f"{args.prompts} x {args.group_size}",
              args.max_new_tokens, cfg.hardware.compile, *(f"{ph.get(p, 0):.2f}" for p in PHASES), f"{s['step_seconds']:.2f}",
              f"{s['generation_tokens_per_s']:,.0f}", f"{s['training_tokens_per_s']:,.0f}", mem]  # fmt: skip
