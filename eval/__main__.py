@@ -42,8 +42,15 @@ def main(argv: list[str]) -> int:
         return 0
     opts = parse_options(argv)
 
-    from eval.engines import build_engine, load_model_tokenizer, resolve_device, resolve_dtype
-    from eval.evaluate import evaluate
+    from eval.engines import (
+        build_engine,
+        check_budget,
+        load_model_tokenizer,
+        model_context,
+        resolve_device,
+        resolve_dtype,
+    )
+    from eval.evaluate import encode_prompts, evaluate
     from eval.report import results_document, table, task_entry, write_json
     from eval.tasks import data_config, get_task, load_split
     from grpo_fsdp.rewards import RewardScorer
@@ -61,9 +68,17 @@ def main(argv: list[str]) -> int:
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     tokenizer = load_model_tokenizer(opts.model, opts.trust_remote_code)
+    # A budget that leaves no room for any prompt is refused before the weights load; single prompts too
+    # long for the context are skipped and counted by `evaluate`. `longest` sizes vLLM's context.
+    context, longest = model_context(opts.model, tokenizer, opts.trust_remote_code), 0
+    for name, (task, examples, _) in data.items():
+        max_new = opts.max_new_tokens or task.max_new_tokens
+        check_budget(max_new, context, name, from_default=not opts.max_new_tokens)
+        prompts = encode_prompts(tokenizer, examples, opts.template, opts.instruction)
+        longest = max(longest, max_new + max(map(len, prompts), default=0))
     began = time.perf_counter()
     engine = build_engine(opts.engine, opts.model, tokenizer, device=device, dtype=opts.dtype,
-                          max_batch_size=opts.batch_size, trust_remote_code=opts.trust_remote_code)
+                          max_batch_size=opts.batch_size, trust_remote_code=opts.trust_remote_code, longest=longest)
     print(f"eval: loaded {opts.model} on {device} ({str(dtype).removeprefix('torch.')}, engine={opts.engine}) "
           f"in {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
 

@@ -4,6 +4,11 @@
 (`grpo_fsdp.rollout.factory.make_engine`): "hf" is the transformers engine, "vllm" the vLLM engine
 (loading the directory's weights itself), "auto" vLLM when it imports and can serve the model.
 
+Context: the transformers engine serves the model's whole `max_position_embeddings`; vLLM gets
+`max_model_len` = the longest prompt + max_new_tokens the tasks need, at least 4096 and at most the
+model's context (its KV cache must hold one such sequence). `check_budget` refuses, before anything
+loads, a max_new_tokens that leaves no room for any prompt.
+
 Loading reuses `grpo_fsdp.models` (tokenizer, config, full weights), so a missing directory or an
 unreachable hub id ends in the same one-line `UserError` as in training.
 """
@@ -29,6 +34,24 @@ def model_config(model: str, trust_remote_code: bool) -> ModelConfig:
 def load_model_tokenizer(model: str, trust_remote_code: bool = False):
     """The tokenizer saved with `model` (pad token set to EOS when the model has none)."""
     return load_tokenizer(model_config(model, trust_remote_code))
+
+
+VLLM_MIN_MODEL_LEN = 4096  # vLLM's context in the evaluator, unless the tasks need more (and the model has it)
+
+
+def model_context(model: str, tokenizer, trust_remote_code: bool = False) -> int | None:
+    """The model's context in tokens (`max_position_embeddings` of its config.json); None when it has none."""
+    return getattr(hf_config(model_config(model, trust_remote_code), tokenizer, "sdpa"), "max_position_embeddings", None)
+
+
+def check_budget(max_new_tokens: int, context: int | None, task: str, from_default: bool,
+                 option: str = "max_new_tokens") -> None:
+    """Refuse a generation budget that leaves no room for a prompt in the model's context (ConfigError naming
+    `option`: the evaluator's max_new_tokens, or eval.max_new_tokens for the evaluation during training)."""
+    if context is not None and max_new_tokens >= context:
+        source = f"task {task}'s default" if from_default else f"the {option} option"
+        raise ConfigError(option, f"{max_new_tokens} ({source}) leaves no room for a prompt in the model's "
+                                  f"{context}-token context", f"set {option}=<below {context}, e.g. {context // 2}>")
 
 
 def resolve_device(device: str) -> str:
@@ -58,11 +81,13 @@ def build_engine(
     dtype: str = "auto",
     max_batch_size: int | None = 64,
     trust_remote_code: bool = False,
+    longest: int = 0,
 ) -> RolloutEngine:
     """An engine holding `model`'s weights, ready to `generate`.
 
     name: "auto", "hf" (transformers, any device) or "vllm".
     max_batch_size: sequences decoded together by the hf engine (None: all at once).
+    longest: the longest prompt + max_new_tokens the caller needs (vLLM's max_model_len, see the module docstring).
     """
     from grpo_fsdp.rollout.factory import make_engine, resolve_engine_kind
 
@@ -76,7 +101,8 @@ def build_engine(
     engine = make_engine(kind, hf_conf=conf, tokenizer=tokenizer, model_dir=cfg.path, device=dev,
                          dtype=resolve_dtype(dtype, dev), max_batch_size=max_batch_size,
                          kv_cache_memory_bytes=(1 << 30) if dev == "cpu" else None, gpu_memory_utilization=0.85,
-                         max_model_len=min(getattr(conf, "max_position_embeddings", 4096), 4096))
+                         max_model_len=min(getattr(conf, "max_position_embeddings", None) or VLLM_MIN_MODEL_LEN,
+                                           max(VLLM_MIN_MODEL_LEN, longest)))
     if kind == "hf":
         engine.load_weights(full_state_dict(cfg, conf, seed=0).items())  # the CPU copy is freed on return
     return engine

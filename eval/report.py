@@ -60,10 +60,12 @@ def _pct(x: float | None) -> str:
 
 
 def table(results: list[EvalResult]) -> str:
-    """A few lines: one per task, plus its per-level accuracy where the task has levels."""
-    lines = [f"{'task':<11}{'problems':>9}{'accuracy':>10}{'format':>8}{'length':>8}{'pass@k':>8}{'maj@k':>8}{'seconds':>9}"]
+    """A few lines: one per task, plus its per-level accuracy where the task has levels. `skipped`: problems too
+    long for the model's context, counted as wrong in `accuracy` (eval/evaluate.py)."""
+    head = f"{'task':<11}{'problems':>9}{'skipped':>8}{'accuracy':>10}{'format':>8}{'length':>8}{'pass@k':>8}{'maj@k':>8}"
+    lines = [head + f"{'seconds':>9}"]
     for r in results:
-        lines.append(f"{r.task:<11}{r.num_problems:>9}{_pct(r.accuracy):>10}{_pct(r.valid_format_rate):>8}"
+        lines.append(f"{r.task:<11}{r.num_problems:>9}{r.skipped_too_long:>8}{_pct(r.accuracy):>10}{_pct(r.valid_format_rate):>8}"
                      f"{r.mean_length:>8.1f}{_pct(r.pass_at_k):>8}{_pct(r.maj_at_k):>8}{r.seconds:>9.1f}")
         if r.per_level:
             levels = "  ".join(f"L{g} {_pct(row['accuracy'])} ({row['total']})" for g, row in r.per_level.items())

@@ -14,12 +14,20 @@ mask function) and returns the name to put in a model config. A call goes to:
     the base implementation                 everything else, unchanged
 
 The mask function is the base's, so padded batches get exactly the masks they got before.
+
+Under `hardware.compile` (each decoder block compiled, parallelize.py) the shared-prefix attention runs
+eagerly, a graph break inside the block: its Python structure (number of prompts, number of length
+blocks, their lengths) differs from one micro-batch to the next, and traced it made Dynamo recompile
+the block for nearly every micro-batch until `torch._dynamo.config.recompile_limit` (8) was hit, after
+which the blocks ran uncompiled for the rest of the run (measured: 4 micro-batches, issue 11 item 22).
+Eager, it is a handful of SDPA calls; the projections, rotary, norms and MLP around it stay compiled.
 """
 
 from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -28,6 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from grpo_fsdp.shared_prefix import SharedPrefix, shared_prefix_attention
 
 PREFIX = "grpo_fsdp+"
+_shared_prefix_eager = torch.compiler.disable(shared_prefix_attention)  # see the module docstring
 
 
 def _cpu_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None):
@@ -55,7 +64,7 @@ def attention_name(base: str | None) -> str | None:
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                   shared_prefix: SharedPrefix | None = None, **kwargs):
         if shared_prefix is not None:
-            return shared_prefix_attention(module, query, key, value, shared_prefix, dropout, scaling, sliding_window, **kwargs)
+            return _shared_prefix_eager(module, query, key, value, shared_prefix, dropout, scaling, sliding_window, **kwargs)
         plain = all(kwargs.get(k) is None for k in ("position_bias", "cache")) and not kwargs.get("output_attentions")
         if (base == "sdpa" and plain and query.device.type == "cpu" and query.shape[1] != key.shape[1]
                 and attention_mask is not None and sliding_window is None):

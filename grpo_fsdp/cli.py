@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from grpo_fsdp.config import ALGO_SCHEMAS, Config, ConfigError, register_configs
+from grpo_fsdp.redaction import redact
 
 CONF_DIR = Path(os.environ.get("GRPO_FSDP_CONF", Path(__file__).resolve().parent.parent / "conf"))
 GROUPS = ("hardware", "model", "data", "algo", "experiment")
@@ -37,6 +38,30 @@ def _unknown_option(overrides: Sequence[str]) -> ConfigError | None:
     return None
 
 
+def _keys_outside_schema(node, prefix: str = "") -> list[str]:
+    """Keys of a typed section that its dataclass lacks: only a `+key=value` override can add them (YAML
+    keys are checked by Hydra), and `OmegaConf.to_object` would drop them without a word."""
+    import dataclasses
+
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    fields = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key in node:
+        if key not in fields:
+            found.append(f"{prefix}{key}")
+        elif OmegaConf.is_dict(child := node._get_node(key)):
+            found += _keys_outside_schema(child, f"{prefix}{key}.")
+    return found
+
+
+def _parse_hint(message: str) -> str:
+    if "Ambiguous value" in message:  # an unquoted comma: a list or a sweep was meant
+        return "write a list as key=[a,b], quote a string with commas as key='\"a,b\"', or sweep with -m key=a,b"
+    return "check the override syntax: key=value, group=option (python -m grpo_fsdp.train --help lists both)"
+
+
 def compose(overrides: Sequence[str] = ()) -> Config:
     """Compose conf/config.yaml with command-line overrides into a typed `Config`."""
     from hydra import compose as hydra_compose
@@ -53,6 +78,11 @@ def compose(overrides: Sequence[str] = ()) -> Config:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             node = hydra_compose(config_name="config", overrides=list(overrides))
         OmegaConf.resolve(node)
+        if extra := _keys_outside_schema(node):
+            section = extra[0].rpartition(".")[0]
+            where = f"of {section}" if section else "at the top level"
+            raise ConfigError(extra[0], f"is not a field {where}; a +key override cannot add fields to the schema",
+                              "check the spelling (python -m grpo_fsdp.train --help lists the fields) and drop the +")
         algo = node.algo
         if OmegaConf.is_dict(algo) and algo.get("name") not in ALGO_SCHEMAS:
             raise ConfigError("algo", f"unknown algorithm {algo.get('name')!r}", f"choose one of {', '.join(ALGO_SCHEMAS)}")
@@ -68,41 +98,40 @@ def compose(overrides: Sequence[str] = ()) -> Config:
         if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", ""):
             fix = "check the field name in conf/ or grpo_fsdp/config.py" if "not in" in str(cause) else "give a value of the field's type"
             raise ConfigError(cause.full_key, str(cause).splitlines()[0], fix) from None
-        raise ConfigError("overrides", str(e).splitlines()[0], "check the override syntax: key=value, or +key=value for a new key") from None
+        raise ConfigError("overrides", str(e).splitlines()[0], _parse_hint(str(e))) from None
     assert isinstance(cfg, Config)
     return cfg
 
 
-SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd"}
-
-
-def _is_secret(name) -> bool:
-    # whole words only: wandb_api_key and hf_token are secrets, tokenizer and keep_last are not
-    return bool(SECRET_WORDS & set(str(name).lower().replace("-", "_").split("_")))
-
-
-def redact(node):
-    """Replace the value of any non-empty field whose name looks like a secret (api_key, hf_token...)."""
-    if isinstance(node, dict):
-        return {k: ("<redacted>" if v and _is_secret(k) else redact(v)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [redact(v) for v in node]
-    return node
-
-
 def redacted_yaml(cfg: Config) -> str:
-    """The resolved config as YAML, secrets redacted: what `<run_dir>/config.yaml` holds."""
+    """The resolved config as YAML, secrets redacted (by field name and by value, redaction.py): what
+    `<run_dir>/config.yaml` holds and what W&B receives as the run's config."""
     return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))))
 
 
 def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run `main(overrides)`; user-caused errors end in one line on stderr and exit code 2."""
+    """Run `main(overrides)`; user-caused errors end in one line on stderr and exit code 2.
+
+    Under torchrun any rank may be the one that fails (rank 1 loads the evaluator's data): its line
+    carries its rank, and a text that several ranks raise is printed once (`peers.report`). A
+    collective that timed out or lost a peer ends in one line naming the rank that stopped answering,
+    or in silence when that rank printed its own error (exit code 1). Teardown has already run in the
+    recipe (`recipes/teardown.py`) when we get here."""
+    from grpo_fsdp import peers
+
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         code = main(args)
     except (ConfigError, UserError) as e:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        peers.publish_cause(str(e))
+        if line := peers.report(str(e)):
+            print(line, file=sys.stderr, flush=True)
         sys.exit(2)
+    except Exception as e:
+        if not peers.is_collective_failure(e):
+            peers.publish_cause(f"{type(e).__name__}: {e}")  # a bug: its traceback follows, the peers stay quiet
+            raise
+        if line := peers.explain_collective_failure(e):
+            print(line, file=sys.stderr, flush=True)
+        sys.exit(1)
     sys.exit(code or 0)

@@ -29,10 +29,8 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    enabled: bool = False  # not built yet (issue 14): dry_run=true plans it (memory estimate); a run is refused
+    rank: int = 16  # read by the dry-run estimate; alpha/dropout arrive with the LoRA module (issue 14)
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -51,10 +49,16 @@ class HardwareConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder block
     attn_implementation: str = "sdpa"  # flash_attention_2 | sdpa | eager
-    load_in_4bit: bool = False  # bitsandbytes NF4 base weights (with LoRA)
+    load_in_4bit: bool = False  # NF4 base weights under LoRA; not built yet (issue 14), like lora.enabled
     lora: LoraConfig = field(default_factory=LoraConfig)
     vllm_memory_share: float = 0.3  # colocated vLLM's gpu_memory_utilization (weights + KV cache), the rest is the trainer's
     vllm_kv_cache_gib: float = 0.0  # vLLM's KV cache in GiB instead of the share (on CPU, where the share is of host RAM)
+    # How long a collective waits for a rank that does not arrive before the run ends with a line naming it
+    # (a stopped, hung or dead rank). Every legitimate wait counts too: the other ranks wait at the next
+    # collective while rank 1 evaluates between steps, so this must cover the longest evaluation
+    # (MATH500 with k samples on vLLM: minutes) and a checkpoint save. 30 min by default, as before;
+    # 10 min on the CPU profile, whose multi-process runs are tests and CI with small evaluations.
+    collective_timeout_s: float = 1800.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +162,8 @@ class GRPOConfig:
     overlong_penalty: float = 0.0  # weight of DAPO's soft overlong punishment
     overlong_buffer: int = 0
     reward_timeout_s: float = 5.0  # wall clock per sample; a timeout scores 0 and is counted
+    reward_step_budget_s: float = 30.0  # wall clock for a step's grading on each rank; what is left then scores 0
+    reward_timeout_warn_share: float = 0.1  # console warning when timeouts pass this share of a step's answers
     reward_workers: int = 2
     constant_reward_warn_steps: int = 5
 
@@ -180,7 +186,7 @@ class EvalConfig:
     """Evaluation between training steps, on rank 1 (rank 0 alone), with the rollout engine."""
 
     tasks: list[str] = field(default_factory=list)  # gsm8k | math | math500 | arithmetic; empty: no evaluation
-    every_steps: int = 0  # also every N optimizer steps (0: only at the end)
+    every_steps: int = 0  # also every N train steps (rollouts in GRPO) (0: only at the end)
     data_dir: str = ""  # local data (gsm8k/test.jsonl, math/test.jsonl, math/math500.jsonl); empty: the hub
     limit: int = 0  # problems per task (0: all)
     max_new_tokens: int = 0  # 0: the task's default
@@ -194,7 +200,11 @@ class EvalConfig:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    max_steps: int = 60  # optimizer steps
+    # Step units. SFT: one step = one optimizer step. GRPO: one step = one rollout, trained in
+    # plan.optimizer_steps_per_batch optimizer steps (prompts_per_step x group_size x updates_per_rollout
+    # / global_batch_size; the start-up table prints it). optim.warmup_steps counts optimizer steps;
+    # checkpoint.every_steps and eval.every_steps count these steps.
+    max_steps: int = 60  # steps of the outer loop: optimizer steps (SFT), rollouts (GRPO)
     global_batch_size: int = 32  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     group_by_length: bool = True  # batch sequences of similar length to cut padding
@@ -208,7 +218,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    warmup_steps: int = 5
+    warmup_steps: int = 5  # optimizer steps (GRPO: a run has train.max_steps x optimizer steps per rollout)
     schedule: str = "cosine"  # cosine | linear | constant
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0 disables clipping
@@ -216,7 +226,7 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0: only at the end (and on SIGTERM)
+    every_steps: int = 0  # every N train steps (rollouts in GRPO); 0: only at the end (and on SIGTERM)
     save_final: bool = True  # false: no checkpoint at the end (benchmarks; SIGTERM still saves)
     keep_last: int = 2
     resume: str = "none"  # none | auto | <path to a checkpoint directory>
@@ -229,7 +239,6 @@ class LoggingConfig:
     wandb_project: str = "grpo-fsdp"
     wandb_entity: str = ""
     progress_bar: bool = True
-    log_every: int = 1
 
 
 @dataclass
@@ -244,7 +253,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    run_dir: str = ""  # empty: outputs/<algo>-<model>-<data>-<timestamp>, chosen by rank 0
+    run_dir: str = ""  # empty: outputs/<algo>-<model>-<data>-<timestamp>; with checkpoint.resume=auto a stable key instead (checkpoint.py)
     dry_run: bool = False  # validate, print the batch table and memory estimate, exit
 
 

@@ -8,12 +8,15 @@ distributed checkpoints run exactly as they do on a cluster. `gloo` on CPU, `ncc
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from grpo_fsdp import peers
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,14 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init(device_type: str, timeout_minutes: int = 30) -> Dist:
-    """Join (or, alone, create) the process group and build a 1-D mesh over all ranks."""
+def init(device_type: str, timeout_s: float = 1800.0) -> Dist:
+    """Join (or, alone, create) the process group and build a 1-D mesh over all ranks.
+
+    `timeout_s` (`hardware.collective_timeout_s`) bounds how long a collective waits for a rank that
+    does not arrive. gloo raises in the waiting rank, and `cli.run_main` turns that into one line
+    naming the rank that stopped answering (`peers.py`). NCCL honours it only through its watchdog,
+    which aborts the communicator and ends the process when `TORCH_NCCL_ASYNC_ERROR_HANDLING` is on:
+    torchrun sets 1 for its workers, and so do we for any other launcher unless the user chose."""
     rank, world = int(os.environ.get("RANK", "0")), launched_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
@@ -49,17 +58,23 @@ def init(device_type: str, timeout_minutes: int = 30) -> Dist:
     else:
         device = torch.device("cpu")
     backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
-        timeout = timedelta(minutes=timeout_minutes)
+        timeout = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:  # torchrun (or Slurm via torchrun)
             dist.init_process_group(backend, timeout=timeout, device_id=device if device_type == "cuda" else None)
         else:  # one process: an in-process store, no port to pick
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+    peers.start(timeout_s, watch=backend == "nccl")  # heartbeats through torchrun's store: who stopped answering
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
 
 
 def shutdown() -> None:
+    """Destroy the process group: the last step of a recipe's teardown (`recipes/teardown.py`), after
+    the engine (vLLM's teardown uses the group), the reward workers and the logger (whose clean close
+    is a collective). The heartbeat keeps beating until the process exits."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -71,11 +86,27 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def agree_run_dir(requested: str, default_name: str) -> str:
-    """All ranks must write into one run directory: rank 0 decides (a timestamp), the rest receive it."""
+def job_id() -> str | None:
+    """An id the scheduler keeps for the same job across restarts: the Slurm job (array task) id, which a
+    requeue keeps, else a rendezvous id given to torchrun (--rdzv_id). `torchrun --standalone` draws a
+    random uuid per launch, and a plain torchrun says "none": neither names a job."""
+    if job := os.environ.get("SLURM_JOB_ID"):
+        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm{array}_{task}" if array and task else f"slurm{job}"
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id == "none" or re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", run_id):
+        return None
+    return "rdzv" + re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
+
+
+def agree_run_dir(requested: str, default_name: str, stable_key: str | None = None) -> str:
+    """All ranks must write into one run directory: rank 0 decides, the rest receive it. Without
+    `requested`: `outputs/<default_name>-<stable_key>` when a key is given (the same command finds its
+    checkpoints again: `checkpoint.resume_key`), else a new timestamped directory per launch."""
     chosen = requested
     if not chosen and dist.get_rank() == 0:
-        chosen = os.path.join("outputs", f"{default_name}-{datetime.now():%Y%m%d-%H%M%S}")
+        suffix = stable_key or f"{datetime.now():%Y%m%d-%H%M%S}"
+        chosen = os.path.join("outputs", f"{default_name}-{suffix}")
     return broadcast_object(chosen)
 
 

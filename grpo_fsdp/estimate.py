@@ -21,16 +21,27 @@ Model of FSDP2 memory (Zhao et al. 2023, "PyTorch FSDP"; Rajbhandari et al. 2020
   state; we assume they are stored in the compute dtype, or at 0.5 byte/param for the block linear
   weights with 4-bit NF4 (Dettmers et al. 2023, "QLoRA"; quantisation constants ignored).
   Adapters add r*(in+out) params per targeted module and carry fp32 weights, grads and Adam.
+- GRPO reference model (algo.beta > 0, `models.build_reference`): the policy's weights in the compute
+  dtype, frozen (no fp32 master, gradient or optimizer state), sharded like the policy: c*P/N, on the
+  host with CPU offload. Its gathered blocks exist only during its own forward (log-probs phase).
+- GRPO rollout engine, which holds its own unsharded copy of the weights (it does not share the
+  trainer's modules): the transformers engine (`rollout/hf.py`) builds the whole model in the compute
+  dtype, c*P; vLLM reserves `hardware.vllm_memory_share` of the device (weights + KV cache). While the
+  trainer works the engine sleeps (level 1 parks the weights in host memory, 2 drops them; on a CPU
+  device level 1 keeps them in place), so a GRPO step has two peaks: training (weights, gradients,
+  optimizer, activations, reference) and generation (the trainer's shards and optimizer state, the
+  reference, the engine). `total` is the larger.
 
 Not counted: CUDA context and NCCL buffers (~0.5-1 GiB), allocator fragmentation, transient
-unsharded gradients of one block before reduce-scatter, and a colocated rollout engine (vLLM).
+unsharded gradients of one block before reduce-scatter, the transformers engine's KV cache, and the
+reference's gathered blocks during its forward.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from grpo_fsdp.config import ArchConfig, Config
+from grpo_fsdp.config import ArchConfig, Config, GRPOConfig
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -146,13 +157,17 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     activations: int
-    total: int  # on the device: weights + gradients + optimizer + activations
+    total: int  # on the device, the peak of the two phases: max(training, generation)
     cpu_bytes: int  # host memory per rank, used by CPU offload
     params: int
     trainable_params: int
     world_size: int
     notes: tuple[str, ...] = ()
     hints: tuple[str, ...] = ()  # overrides that would lower the total, shown when it does not fit
+    reference: int = 0  # GRPO with algo.beta > 0: the frozen reference model's shard on the device
+    engine: int = 0  # GRPO: the rollout engine on the device while it generates
+    training: int = 0  # weights + gradients + optimizer + activations + reference (+ an engine that stays awake)
+    generation: int = 0  # GRPO: the trainer's shards and optimizer state + reference + engine; 0 without rollouts
 
 
 def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None) -> MemoryEstimate:
@@ -195,6 +210,21 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
     else:
         weights = sharded + gathered
 
+    reference, engine, engine_awake, resident = 0, 0, 0, (0 if hw.cpu_offload else sharded + optimizer)
+    if isinstance(cfg.algo, GRPOConfig):
+        if cfg.algo.beta > 0:  # models.build_reference: compute dtype, frozen, sharded like the policy
+            reference = c * p / n
+            notes.append(f"reference model (algo.beta={cfg.algo.beta:g}): {hw.param_dtype}, frozen, sharded"
+                         + (", on the host (CPU offload)" if hw.cpu_offload else ""))
+            if hw.cpu_offload:
+                cpu, reference = cpu + reference, 0
+        engine, note = _engine_bytes(cfg, c * p)
+        notes.append(note)
+        if hw.device != "cuda" and (cfg.rollout.sleep_level == 1 or cfg.rollout.engine == "vllm"):
+            engine_awake = engine  # a CPU engine stays while training: sleep(1) keeps weights in place, vLLM ignores sleep
+    training = weights + gradients + optimizer + activations + reference + engine_awake
+    generation = resident + reference + engine if engine else 0
+
     hints = []
     if not hw.activation_checkpointing:
         hints.append("hardware.activation_checkpointing=true")
@@ -208,10 +238,35 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
         hints.append("hardware.lora.enabled=true")
 
     parts = [round(x) for x in (weights, gradients, optimizer, activations)]
+    training, generation = sum(parts) + round(reference) + round(engine_awake), round(generation)
     return MemoryEstimate(
-        *parts, total=sum(parts), cpu_bytes=round(cpu), params=p, trainable_params=trainable,
-        world_size=n, notes=tuple(notes), hints=tuple(hints),
+        *parts, total=max(training, generation), cpu_bytes=round(cpu), params=p, trainable_params=trainable,
+        world_size=n, notes=tuple(notes), hints=tuple(hints), reference=round(reference), engine=round(engine),
+        training=training, generation=generation,
     )  # fmt: skip
+
+
+def _engine_bytes(cfg: Config, weights: float) -> tuple[float, str]:
+    """Device bytes of the GRPO rollout engine while it generates, and a note that says what was counted.
+
+    `weights` is one unsharded copy in the compute dtype. rollout.engine=auto resolves only at start-up
+    (vLLM where it imports, as in docker/, else transformers), so it counts the larger of the two.
+    """
+    hw, kind = cfg.hardware, cfg.rollout.engine
+    if hw.device == "cuda" and hw.gpu_memory_gib > 0:
+        vllm = hw.vllm_memory_share * hw.gpu_memory_gib * GIB
+        vllm_note = f"vLLM reserves hardware.vllm_memory_share={hw.vllm_memory_share:g} of the device ({_gib(vllm)}, weights + KV cache)"
+    else:  # vLLM on the CPU: its copy of the weights and the fixed hardware.vllm_kv_cache_gib
+        vllm = weights + hw.vllm_kv_cache_gib * GIB
+        vllm_note = f"vLLM holds its {hw.param_dtype} weights and a {hw.vllm_kv_cache_gib:g} GiB KV cache ({_gib(vllm)})"
+    hf_note = (f"the transformers engine holds its own unsharded {hw.param_dtype} copy of the weights ({_gib(weights)}; "
+               "its KV cache is not counted)")
+    asleep = "asleep while training (rollout.sleep_level=1 parks the weights in host memory, 2 drops them)"
+    if kind == "hf":
+        return weights, f"rollout engine: {hf_note}, {asleep}"
+    if kind == "vllm":
+        return vllm, f"rollout engine: {vllm_note}, {asleep}"
+    return max(weights, vllm), f"rollout engine (auto, the larger is counted): {vllm_note}; {hf_note}; {asleep}"
 
 
 def _gib(x: float) -> str:
@@ -231,8 +286,13 @@ def format_table(est: MemoryEstimate, gpu_memory_gib: float) -> str:
         ("gradients", _gib(est.gradients)),
         ("optimizer", _gib(est.optimizer)),
         ("activations", _gib(est.activations)),
-        ("total per device", _gib(est.total)),
     ]
+    if est.reference:
+        rows.append(("reference model", _gib(est.reference)))
+    if est.generation:  # GRPO: the engine generates while the trainer's gradients and activations are gone
+        rows += [("rollout engine", f"{_gib(est.engine)} (while generating)"), ("training phase", _gib(est.training)),
+                 ("generation phase", _gib(est.generation))]
+    rows.append(("total per device", _gib(est.total)))
     if est.cpu_bytes:
         rows.append(("offloaded to CPU per rank", _gib(est.cpu_bytes)))
     width = max(len(k) for k, _ in rows)

@@ -81,10 +81,10 @@ def hf_config(cfg: ModelConfig, tokenizer, attn: str) -> PretrainedConfig:
     return conf
 
 
-def build_on_meta(conf: PretrainedConfig, trust_remote_code: bool = False) -> nn.Module:
+def build_on_meta(conf: PretrainedConfig, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The network's structure with no storage: every rank can afford this for any model size."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(conf, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(conf, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def full_state_dict(cfg: ModelConfig, conf: PretrainedConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -122,10 +122,6 @@ def build_policy(cfg: ModelConfig, hw: HardwareConfig, tokenizer, dist_info, see
     from grpo_fsdp.parallelize import parallelize
     from grpo_fsdp.policy import Policy
 
-    if hw.lora.enabled or hw.load_in_4bit:
-        raise UserError("hardware.lora.enabled / hardware.load_in_4bit: LoRA and 4-bit training are not built yet "
-                        "(the gpu8gb profile only validates and estimates for now); set hardware.lora.enabled=false "
-                        "hardware.load_in_4bit=false, or use another profile")
     attn = attention_backend(hw.attn_implementation, dist_info.device.type)
     conf = hf_config(cfg, tokenizer, attn)
     full = full_state_dict(cfg, conf, seed) if dist_info.is_main else {}
@@ -137,3 +133,29 @@ def build_policy(cfg: ModelConfig, hw: HardwareConfig, tokenizer, dist_info, see
     set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
     return policy, conf
+
+
+def build_reference(policy, conf: PretrainedConfig, cfg: ModelConfig, hw: HardwareConfig, dist_info, chunk_size: int):
+    """The frozen reference policy of the KL penalty (algo.beta > 0): a copy of `policy`'s weights as built.
+
+    Call it before any update or checkpoint load, so that it holds the starting weights. Stored in
+    `hardware.param_dtype`, the dtype its forward computes in anyway: it is never updated, so it needs no
+    fp32 master copy, no gradients and no optimizer state (bf16: half the memory of a second policy).
+    Sharded like the policy (same mesh, offload and wrapping, so its shards copy over locally, no disk
+    read or broadcast), but every FSDP unit, the root included, reshards after its forward: the reference
+    never runs a backward, which is where the policy's root and last block are resharded, so it would
+    otherwise keep them gathered through the whole update.
+    """
+    from grpo_fsdp.attention import with_our_attention
+    from grpo_fsdp.parallelize import parallelize
+    from grpo_fsdp.policy import Policy
+
+    reference = Policy(build_on_meta(with_our_attention(conf), cfg.trust_remote_code, DTYPES[hw.param_dtype]), chunk_size)
+    reference.requires_grad_(False)
+    parallelize(reference, hw, dist_info.mesh)
+    reference.set_reshard_after_forward(True)
+    reference.to_empty(device="cpu" if hw.cpu_offload else dist_info.device)
+    init_nonpersistent_buffers(reference, dist_info.device)
+    with torch.no_grad():  # shard to shard, cast to param_dtype by copy_
+        reference.load_state_dict(policy.state_dict(), strict=True)
+    return reference.eval()

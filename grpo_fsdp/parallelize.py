@@ -1,14 +1,23 @@
-"""One function: activation checkpointing -> torch.compile -> FSDP2 `fully_shard`, over a plain module.
+"""One function: torch.compile -> activation checkpointing -> FSDP2 `fully_shard`, over a plain module.
 
-The order matters and follows torchtitan: checkpoint wrappers go innermost (so recomputation
-happens inside the block FSDP has already gathered), compile wraps each block (so graph breaks
-stay inside one block and FSDP's hooks stay outside the graph), and `fully_shard` goes on each
-block and then on the root (embeddings, final norm and LM head form the root's group).
+The order matters: compile goes on each block (so graph breaks stay inside one block and FSDP's hooks
+stay outside the graph), checkpoint wrappers go around the compiled block (so recomputation happens
+inside the block FSDP has already gathered, and re-runs the compiled code), and `fully_shard` goes
+on each block and then on the root (embeddings, final norm and LM head form the root's group).
+
+Departure from torchtitan, which compiles the checkpointed block (AC innermost, so that inductor can
+plan the recomputation): our shared-prefix attention is a graph break (attention.py), and a graph
+break inside a checkpointed region makes Dynamo run the whole region eagerly, so with both options
+on (the h100x2 profile) no GRPO block was compiled at all (measured: 2 ops captured per run instead
+of the blocks' projections, norms, rotary and MLP). Compiled inside the checkpoint, every block is.
 
 - `reshard_after_forward=True` is FULL_SHARD: each block's parameters are freed after its forward
   and all-gathered again in backward. `False` is the ZeRO-2-like profile: parameters stay gathered
   from forward to backward (one all-gather per step, full compute-dtype weights held).
+- Compiled blocks take the shared-prefix layout with its attention run eagerly (a graph break, see
+  attention.py): traced, its per-micro-batch structure exhausted Dynamo's recompile limit.
 - The last block and the root never reshard after forward: backward needs them at once.
+- `cpu_offload`: FSDP2's CPUOffloadPolicy on every group (on a CPU-only run too, where it moves nothing).
 - Gradients are SUM-reduced (divide factor 1): the loss is already divided by the all-reduced
   token count of the whole step, so FSDP must not divide by the world size again.
 """
@@ -26,20 +35,24 @@ from grpo_fsdp.policy import Policy
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parallelize(policy: Policy, hw: HardwareConfig, mesh: DeviceMesh) -> Policy:
+def parallelize(policy: Policy, hw: HardwareConfig, mesh: DeviceMesh, compile_backend: str = "inductor") -> Policy:
+    """Wrap `policy` in place (see the module docstring); `compile_backend` is torch.compile's backend
+    ("aot_eager" lets CPU tests trace the blocks without generating kernels)."""
     layers = policy.layers
-    # 1. activation checkpointing, one decoder block at a time (non-reentrant: works with FSDP2)
-    if hw.activation_checkpointing:
-        for i, block in enumerate(layers):
+    for i, block in enumerate(layers):
+        # 1. compile each block in place (module.compile keeps parameter names unchanged)
+        if hw.compile:
+            block.compile(backend=compile_backend)
+        # 2. activation checkpointing around it, one decoder block at a time (non-reentrant: works with FSDP2)
+        if hw.activation_checkpointing:
             layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-    # 2. compile each block in place (module.compile keeps parameter names unchanged)
-    if hw.compile:
-        for block in layers:
-            block.compile()
     # 3. shard: blocks first, then the root
     param_dtype, reduce_dtype = DTYPES[hw.param_dtype], DTYPES[hw.reduce_dtype]
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype) if param_dtype != torch.float32 else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy(pin_memory=hw.device == "cuda") if hw.cpu_offload and hw.device == "cuda" else OffloadPolicy()
+    # On a CPU run the offload policy moves nothing, but it is the same FSDP2 code path as on a GPU (sharded
+    # parameters and gradients as CPU tensors, copied to the compute device around each use), so CPU tests
+    # exercise it; pinning needs CUDA.
+    offload = CPUOffloadPolicy(pin_memory=hw.device == "cuda") if hw.cpu_offload else OffloadPolicy()
     for i, block in enumerate(layers):
         reshard = hw.reshard_after_forward and i < len(layers) - 1
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)

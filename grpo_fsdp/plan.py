@@ -36,6 +36,7 @@ class _BatchShape:
     loss_denominator: str
     optimizer_steps_per_batch: int = 1
     samples_per_prompt: int = 1  # GRPO's group size G; 1 for SFT and DPO-style rows
+    step_unit: str = "optimizer steps"  # what one step of train.max_steps is
 
 
 def _sft_shape(cfg: Config) -> _BatchShape:
@@ -62,6 +63,7 @@ def _grpo_shape(cfg: Config) -> _BatchShape:
         loss_denominator=denominators[g.loss],
         optimizer_steps_per_batch=rollout * g.updates_per_rollout // cfg.train.global_batch_size,
         samples_per_prompt=g.group_size,
+        step_unit="rollouts",
     )
 
 
@@ -81,6 +83,14 @@ class BatchPlan:
     loss_denominator: str  # what the summed loss of an optimizer step is divided by
     optimizer_steps_per_batch: int  # 1 for SFT; PPO-style mini-batches for GRPO
     samples_per_prompt: int = 1  # completions per prompt (GRPO group size)
+    train_steps: int = 0  # train.max_steps: steps of the outer loop (SFT: optimizer steps; GRPO: rollouts)
+    step_unit: str = "optimizer steps"
+    warmup_steps: int = 0  # optim.warmup_steps, in optimizer steps
+
+    @property
+    def optimizer_steps_total(self) -> int:
+        """Optimizer steps in the whole run: the unit of optim.warmup_steps and of the lr schedule."""
+        return self.train_steps * self.optimizer_steps_per_batch
 
     @property
     def sequences_per_optimizer_step(self) -> int:
@@ -110,6 +120,9 @@ class BatchPlan:
             loss_denominator=shape.loss_denominator,
             optimizer_steps_per_batch=shape.optimizer_steps_per_batch,
             samples_per_prompt=shape.samples_per_prompt,
+            train_steps=cfg.train.max_steps,
+            warmup_steps=cfg.optim.warmup_steps,
+            step_unit=shape.step_unit,
         )
 
     def rows(self) -> list[tuple[str, str]]:
@@ -126,6 +139,9 @@ class BatchPlan:
             ("grad accumulation steps", str(self.grad_accum_steps)),
             ("loss denominator", self.loss_denominator),
         ]
+        if self.train_steps:  # step units (TrainConfig): a GRPO step is a rollout of several optimizer steps
+            rows += [("steps (train.max_steps)", f"{self.train_steps} {self.step_unit}"),
+                     ("optimizer steps in the run", f"{self.optimizer_steps_total} (warmup {self.warmup_steps})")]
         return rows
 
     def format_table(self) -> str:

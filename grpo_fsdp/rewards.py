@@ -4,8 +4,9 @@ penalty, graded in persistent worker processes with a per-sample wall-clock time
     reward_i = w.correct * correct_i + w.format * format_i + w.overlong_penalty * overlong_i
 
 correct_i   math-verify equivalence of the completion's last \\boxed{...} with the gold answer
-            (so 0.5 = \\frac12, 18 = \\$18.00, 1,000 = 1000); with no box, an anchored answer
-            ("The answer is 72") in the last 1,000 characters is graded instead.
+            (so 0.5 = \\frac12, 18 = \\$18.00, 1,000 = 1000, and 20\\% = 20 dollars = 20 after
+            answer_units.py strips the units of a lone number on both sides); with no box, an anchored
+            answer ("The answer is 72") in the last 1,000 characters is graded instead.
 format_i    exactly one, closed \\boxed{} near the end of a completion that was not truncated.
 overlong_i  DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), in [-1, 0].
 
@@ -14,6 +15,13 @@ Why processes: sympy can spend minutes (or forever) on an adversarial answer suc
 uses signal.alarm, which works only in the main thread. So workers call math-verify with its
 timeout disabled and the parent enforces the wall clock: a sample past the timeout scores 0,
 counts in `timeouts`, and its worker is killed and replaced; the rest of the batch goes on.
+A step also has a scoring budget (`score(budget_s=...)`): the per-sample timeout alone let a step
+with many hanging answers take (hanging answers / workers) x timeout, 22-29 s measured with half
+the gold answers adversarial. Once the budget is spent, the answers still being graded and those
+not yet started score 0 and count in `timeouts` and in `over_budget`, and the busy workers are
+killed and replaced, so one step's scoring takes at most about budget_s (plus the kills). A
+replacement imports its grader (seconds) before it takes answers, and that time counts against the
+budget of the step it falls in: keep the budget well above a worker's start-up (default 30 s).
 Departures: the penalty is added with a weight (DAPO adds it with weight 1), and a sample that
 times out or crashes keeps its overlong penalty (it does not depend on grading).
 """
@@ -21,6 +29,7 @@ times out or crashes keeps its overlong penalty (it does not depend on grading).
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -30,11 +39,16 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from multiprocessing.connection import wait
-from typing import Self
+from typing import TYPE_CHECKING
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+from grpo_fsdp.answer_units import strip_units
 from grpo_fsdp.data.math_dataset import last_boxed
+from grpo_fsdp.faults import maybe_fault
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; pyproject and the Docker image allow 3.10
+    from typing_extensions import Self
 
 # math-verify warns once that its timeout is disabled; the parent's wall clock replaces it.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -65,7 +79,7 @@ class RewardWeights:
 
 @lru_cache(maxsize=4096)  # each prompt's gold repeats G times per step and across epochs
 def _parse_gold(gold: str) -> list:
-    return parse(f"\\boxed{{{gold}}}", _BOXED, parsing_timeout=None)
+    return parse(f"\\boxed{{{strip_units(gold)}}}", _BOXED, parsing_timeout=None)
 
 
 def _answer(completion: str) -> tuple[str, str]:
@@ -87,6 +101,9 @@ def _grade_answer(kind: str, text: str, gold: str) -> tuple[bool, bool]:
     if kind == "none":
         return False, False
     if kind == "box":
+        text = strip_units(text)
+        if text.strip() == strip_units(gold).strip():
+            return True, True  # 20\\% against 20
         pred = parse(f"\\boxed{{{text}}}", _BOXED, parsing_timeout=None)
     else:
         pred = parse(text, _ANCHORED, parsing_timeout=None)
@@ -132,7 +149,7 @@ def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
 # ---------------------------------------------------------------- worker processes
 
 _READY = "ready"
-_OK, _NO_ANSWER, _ERROR, _TIMEOUT = "ok", "no_answer", "error", "timeout"
+_OK, _NO_ANSWER, _ERROR, _TIMEOUT, _OVER_BUDGET = "ok", "no_answer", "error", "timeout", "over_budget"
 
 
 def _worker_loop(conn) -> None:
@@ -153,6 +170,7 @@ def _worker_loop(conn) -> None:
             return
         if task is None:
             return
+        maybe_fault("reward_grade")  # tests: GRPO_FSDP_FAULT=reward_grade::stop is a worker that hangs on every answer
         try:
             correct, extracted = _grade_answer(*task)
             status = _OK if extracted else _NO_ANSWER
@@ -176,7 +194,8 @@ class ScoreResult:
     rewards: list[float]
     correct: list[bool]
     formatted: list[bool]
-    timeouts: int = 0
+    timeouts: int = 0  # ran out of time: the per-sample timeout, or the step's budget (over_budget)
+    over_budget: int = 0  # not graded (or cut off) because the step's scoring budget was spent
     parse_failures: int = 0  # no extractable answer, or grading raised / crashed its worker
     seconds: float = 0.0
     statuses: list[str] = field(default_factory=list, repr=False)
@@ -188,6 +207,7 @@ class ScoreResult:
             "reward/accuracy": sum(self.correct) / n,
             "reward/format": sum(self.formatted) / n,
             "reward/timeouts": float(self.timeouts),
+            "reward/over_budget": float(self.over_budget),
             "reward/parse_failures": float(self.parse_failures),
             "perf/reward_seconds": self.seconds,
         }
@@ -259,8 +279,11 @@ class RewardScorer:
                 if not self._workers[slot].ready:
                     self._on_startup_problem(slot)
 
-    def score(self, completions: list[str], golds: list[str], lengths: list[int], max_length: int) -> ScoreResult:
-        """Grade one step: rewards (weighted sum), correctness, format, and the failure counters."""
+    def score(
+        self, completions: list[str], golds: list[str], lengths: list[int], max_length: int, budget_s: float | None = None
+    ) -> ScoreResult:
+        """Grade one step: rewards (weighted sum), correctness, format, and the failure counters.
+        budget_s: wall clock for the whole call's grading (None: unbounded; each sample still has timeout_s)."""
         n = len(completions)
         if not (len(golds) == n and len(lengths) == n):
             raise ValueError(f"score: {n} completions, {len(golds)} golds, {len(lengths)} lengths; they must match")
@@ -272,7 +295,7 @@ class RewardScorer:
         # never crosses a pipe.
         keys = [(*_answer(c), g) for c, g in zip(completions, golds)]
         unique = list(dict.fromkeys(keys))
-        graded = dict(zip(unique, self._run(unique)))
+        graded = dict(zip(unique, self._run(unique, budget_s)))
         statuses = [graded[k][0] for k in keys]
         correct = [graded[k][1] for k in keys]
         # A truncated completion did not end properly, whatever its text looks like.
@@ -290,17 +313,27 @@ class RewardScorer:
             rewards=rewards,
             correct=correct,
             formatted=formatted,
-            timeouts=statuses.count(_TIMEOUT),
+            timeouts=statuses.count(_TIMEOUT) + statuses.count(_OVER_BUDGET),
+            over_budget=statuses.count(_OVER_BUDGET),
             parse_failures=statuses.count(_NO_ANSWER) + statuses.count(_ERROR),
             seconds=time.monotonic() - t0,
             statuses=statuses,
         )
 
-    def _run(self, tasks: list[tuple[str, str, str]]) -> list[tuple[str, bool]]:
-        """(status, correct) per task; one task per worker at a time, each under a wall-clock deadline."""
+    def _run(self, tasks: list[tuple[str, str, str]], budget_s: float | None = None) -> list[tuple[str, bool]]:
+        """(status, correct) per task; one task per worker at a time, each under a wall-clock deadline,
+        all of them under the budget."""
         outcome: list[tuple[str, bool]] = [(_ERROR, False)] * len(tasks)
         todo, busy = deque(range(len(tasks))), {}  # busy: worker slot -> (task index, deadline)
+        stop = math.inf if budget_s is None else time.monotonic() + budget_s
         while todo or busy:
+            if time.monotonic() >= stop:  # the budget is spent: cut off what runs, skip what waits
+                for slot, (i, _) in busy.items():
+                    outcome[i] = (_OVER_BUDGET, False)
+                    self._replace(slot)
+                for i in todo:
+                    outcome[i] = (_OVER_BUDGET, False)
+                break
             for slot, w in enumerate(self._workers):
                 if todo and w.ready and slot not in busy:
                     i = todo.popleft()
@@ -312,7 +345,7 @@ class RewardScorer:
                         continue
                     busy[slot] = (i, time.monotonic() + self.timeout_s)
             by_conn = {w.conn: s for s, w in enumerate(self._workers) if s in busy or not w.ready}
-            wake = min((d for _, d in busy.values()), default=time.monotonic() + 1.0)
+            wake = min(min((d for _, d in busy.values()), default=time.monotonic() + 1.0), stop)
             for conn in wait(list(by_conn), timeout=max(0.0, wake - time.monotonic())):
                 slot = by_conn[conn]
                 try:
@@ -379,3 +412,17 @@ class ConstantRewardWatch:
             f"all {len(rewards)} rewards were {rewards[0]} for {self._streak} steps in a row: "
             "no learning signal; check the reward function/prompt format"
         )
+
+
+def timeout_warning(step: int, timeouts: int, over_budget: int, n: int, share: float, timeout_s: float,
+                    budget_s: float) -> str | None:
+    """The console line for a step whose grading timeouts (all ranks) pass `share` of its n answers, else None:
+    timeouts are in metrics.jsonl, but a run that quietly scores a tenth of its answers 0 deserves a word."""
+    if n <= 0 or timeouts <= share * n:
+        return None
+    budget = f", {over_budget} of them when the step's {budget_s:g} s budget ran out" if over_budget else ""
+    return (
+        f"step {step}: {timeouts} of {n} answers ({timeouts / n:.0%}) scored 0 because grading timed out{budget} "
+        f"(algo.reward_timeout_s={timeout_s:g} per answer, algo.reward_step_budget_s={budget_s:g} per step); "
+        "runaway or adversarial answers? raise those limits or algo.reward_workers if honest answers are slow"
+    )

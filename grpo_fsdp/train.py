@@ -35,7 +35,10 @@ def main(overrides: list[str]) -> int:
     import torch
 
     from grpo_fsdp.distributed import launched_world_size
+    from grpo_fsdp.hydra_flags import dispatch
 
+    if (code := dispatch(overrides, main)) is not None:  # --help, --cfg job, -m sweeps (hydra_flags.py)
+        return code
     cfg = compose(overrides)
     # under torchrun the real world size counts; a dry run outside it assumes the profile's
     world = launched_world_size() if "WORLD_SIZE" in os.environ else (cfg.hardware.nproc_per_node if cfg.dry_run else 1)
@@ -45,12 +48,7 @@ def main(overrides: list[str]) -> int:
             print(dry_run(cfg, world))
         return 0
     recipe = importlib.import_module(RECIPES[cfg.algo.name])
-    try:
-        return recipe.run(cfg)
-    finally:
-        from grpo_fsdp.distributed import shutdown
-
-        shutdown()
+    return recipe.run(cfg)  # the recipe owns its teardown, process group last (recipes/teardown.py)
 
 
 def cli() -> None:

@@ -1,19 +1,28 @@
 """Configuration checks: `validate(cfg, world_size, cuda_available)` refuses impossible combinations
 before any process group, weight or data set is touched. Every refusal is a `ConfigError` naming the
 field, the value and the fix, printed by the entry point as one line.
+
+Step units (TrainConfig): `train.max_steps` counts optimizer steps in SFT and rollouts in GRPO, each
+rollout trained in `BatchPlan.optimizer_steps_per_batch` optimizer steps; `optim.warmup_steps` counts
+optimizer steps, so it is compared with the run's optimizer steps, not with `train.max_steps`.
+Checks that look at the machine (W&B credentials, host and device memory for vLLM) are in preflight.py.
 """
 
 from __future__ import annotations
 
 import os
 
-from grpo_fsdp.config import ALGO_SCHEMAS, Config, ConfigError, GRPOConfig
+from grpo_fsdp.config import ALGO_SCHEMAS, Config, ConfigError, GRPOConfig, OptimConfig
+from grpo_fsdp.plan import BatchPlan
+from grpo_fsdp.preflight import check_vllm_memory, check_wandb
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("flash_attention_2", "sdpa", "eager")
 DATASETS = ("arithmetic", "gsm8k", "math", "math500")
 SCHEDULES = ("cosine", "linear", "constant")
 TEMPLATES = ("auto", "chat", "plain")
+EVAL_TASKS = ("gsm8k", "math", "math500", "arithmetic")  # eval/tasks.py TASKS (not imported: eval is heavier)
+NOT_BUILT = "LoRA and 4-bit training are not built yet (issue 14)"
 
 
 def _looks_local(path: str) -> bool:
@@ -40,12 +49,17 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
     _choice("hardware.param_dtype", hw.param_dtype, DTYPES)
     _choice("hardware.reduce_dtype", hw.reduce_dtype, DTYPES)
     _choice("hardware.attn_implementation", hw.attn_implementation, ATTENTION)
+    _positive("hardware.collective_timeout_s", hw.collective_timeout_s)  # seconds a collective waits for a missing rank
     if hw.load_in_4bit and not hw.lora.enabled:
         raise ConfigError("hardware.load_in_4bit", "4-bit base weights cannot be trained directly", "also set hardware.lora.enabled=true")
     if hw.load_in_4bit and hw.device != "cuda":
         raise ConfigError("hardware.load_in_4bit", "bitsandbytes 4-bit needs a CUDA device", "set hardware.load_in_4bit=false on CPU")
     if hw.lora.enabled:
         _positive("hardware.lora.rank", hw.lora.rank)
+    if (hw.lora.enabled or hw.load_in_4bit) and not cfg.dry_run:  # a dry run still plans (memory estimate)
+        name = "hardware.lora.enabled" if hw.lora.enabled else "hardware.load_in_4bit"
+        raise ConfigError(name, NOT_BUILT, "set hardware.lora.enabled=false hardware.load_in_4bit=false (the gpu8gb "
+                          "profile and experiment=deepseek7b-direct-grpo can be planned with dry_run=true for now)")
 
     if not model.path and model.name != "tiny":
         raise ConfigError("model.path", f"is empty for model {model.name!r}", "set model.path=<hub id or local directory>")
@@ -77,12 +91,13 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
         for op in a.ops:
             _choice("data.arithmetic.ops", op, ("+", "-", "*"))
 
-    if isinstance(cfg.algo, GRPOConfig):
-        _validate_grpo(cfg, world_size)
     _positive("train.max_steps", train.max_steps)
     _positive("train.micro_batch_size", train.micro_batch_size)
     _positive("train.global_batch_size", train.global_batch_size)
     _positive("train.logprob_chunk_size", train.logprob_chunk_size)
+    _validate_eval(cfg)
+    if isinstance(cfg.algo, GRPOConfig):
+        _validate_grpo(cfg, world_size)
     per_pass = train.micro_batch_size * world_size
     if train.global_batch_size % per_pass:
         raise ConfigError(
@@ -95,20 +110,39 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
         raise ConfigError("optim.betas", f"{list(optim.betas)} is not two numbers in [0, 1)", "set optim.betas=[0.9,0.95]")
     _choice("optim.schedule", optim.schedule, SCHEDULES)
-    if not 0 <= optim.warmup_steps <= train.max_steps:
-        raise ConfigError("optim.warmup_steps", f"{optim.warmup_steps} is outside [0, train.max_steps={train.max_steps}]", "set optim.warmup_steps to at most train.max_steps")
+    _validate_warmup(cfg, world_size)
     if not 0 <= optim.min_lr_ratio <= 1:
         raise ConfigError("optim.min_lr_ratio", f"{optim.min_lr_ratio} is outside [0, 1]", "set a fraction such as 0.1")
     if optim.max_grad_norm < 0:
         raise ConfigError("optim.max_grad_norm", f"must be >= 0, got {optim.max_grad_norm}", "use 0 to disable clipping")
 
     ck = cfg.checkpoint
-    if ck.every_steps < 0 or ck.keep_last < 1:
-        raise ConfigError("checkpoint.every_steps", f"every_steps={ck.every_steps}, keep_last={ck.keep_last}", "use every_steps >= 0 and keep_last >= 1")
+    if ck.every_steps < 0:
+        raise ConfigError("checkpoint.every_steps", f"must be >= 0, got {ck.every_steps}", "use 0 to save only at the end")
+    if ck.keep_last < 1:
+        raise ConfigError("checkpoint.keep_last", f"must be >= 1, got {ck.keep_last} (the newest checkpoint is always kept)",
+                          "set checkpoint.keep_last=1 or more")
     if ck.resume not in ("none", "auto") and not os.path.isdir(ck.resume):
-        raise ConfigError("checkpoint.resume", f"{ck.resume!r} is not a checkpoint directory", "use none, auto, or the path of a step_* directory")
+        raise ConfigError("checkpoint.resume", f"{ck.resume!r} is not a checkpoint directory", "use none, auto, a step_* directory or a run directory")
     if type(cfg.algo).__name__ not in {s.__name__ for s in ALGO_SCHEMAS.values()}:
         raise ConfigError("algo", f"unknown algorithm {cfg.algo!r}", f"choose one of {', '.join(ALGO_SCHEMAS)}")
+    check_wandb(cfg)
+
+
+def _validate_warmup(cfg: Config, world_size: int) -> None:
+    """Warmup counts optimizer steps; a GRPO step (rollout) holds several (called after the batch checks)."""
+    warmup, max_steps = cfg.optim.warmup_steps, cfg.train.max_steps
+    plan = BatchPlan.from_config(cfg, world_size)
+    per_step, total = plan.optimizer_steps_per_batch, plan.optimizer_steps_total
+    if 0 <= warmup <= total:
+        return
+    default = " (the default)" if warmup == OptimConfig.warmup_steps else ""
+    run = f"{total} optimizer steps (train.max_steps={max_steps}" + (
+        f" rollouts x {per_step} optimizer steps each)" if per_step > 1 else ")")
+    if warmup < 0:
+        raise ConfigError("optim.warmup_steps", f"must be >= 0, got {warmup}", f"set optim.warmup_steps=0..{total}")
+    raise ConfigError("optim.warmup_steps", f"{warmup}{default} warmup optimizer steps exceed the run's {run}",
+                      f"set optim.warmup_steps=0..{total}, or raise train.max_steps to at least {-(-warmup // per_step)}")
 
 
 def _validate_grpo(cfg: Config, world_size: int) -> None:
@@ -116,7 +150,11 @@ def _validate_grpo(cfg: Config, world_size: int) -> None:
     for name in ("prompts_per_step", "group_size", "updates_per_rollout", "max_new_tokens", "reward_workers"):
         _positive(f"algo.{name}", getattr(g, name))
     _positive("algo.reward_timeout_s", g.reward_timeout_s)
-    _validate_rollout_eval(cfg)
+    _positive("algo.reward_step_budget_s", g.reward_step_budget_s)
+    if not 0 <= g.reward_timeout_warn_share <= 1:
+        raise ConfigError("algo.reward_timeout_warn_share", f"{g.reward_timeout_warn_share} is outside [0, 1]",
+                          "give a share such as 0.1 (1 never warns)")
+    _validate_rollout(cfg, world_size)
     _choice("algo.loss", g.loss, ("dapo", "grpo", "dr_grpo", "bnpo"))
     _choice("algo.advantage_scale", g.advantage_scale, ("group", "batch", "none"))
     if g.group_size < 2:
@@ -131,15 +169,18 @@ def _validate_grpo(cfg: Config, world_size: int) -> None:
                           f"use a divisor of {rollout}, e.g. train.global_batch_size={rollout}")
     if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
         raise ConfigError("algo.temperature", f"temperature={g.temperature}, top_p={g.top_p}, top_k={g.top_k}",
-                          "use temperature >= 0, top_p in (0, 1], top_k >= 0")
+                          "use temperature > 0, top_p in (0, 1], top_k >= 0")
+    if g.temperature == 0:  # eval/options.py refuses the same for k > 1 samples
+        raise ConfigError("algo.temperature", f"0 (greedy) makes the {g.group_size} completions of a prompt identical: "
+                          "every advantage is 0 and nothing is learned", "set algo.temperature > 0 (e.g. 1.0)")
     if not (0 <= g.clip_eps_low < 1 and g.clip_eps_high >= 0):
         raise ConfigError("algo.clip_eps_low", f"clip range [{g.clip_eps_low}, {g.clip_eps_high}]", "use 0 <= clip_eps_low < 1, clip_eps_high >= 0")
     if g.beta < 0:
         raise ConfigError("algo.beta", f"must be >= 0, got {g.beta}", "use 0 to train without a reference model")
 
 
-def _validate_rollout_eval(cfg: Config) -> None:
-    r, e = cfg.rollout, cfg.eval
+def _validate_rollout(cfg: Config, world_size: int) -> None:
+    r = cfg.rollout
     _choice("rollout.engine", r.engine, ("auto", "vllm", "hf"))
     _choice("rollout.sleep_level", str(r.sleep_level), ("1", "2"))
     if r.probe_tolerance < 0 or r.probe_prompts < 0 or cfg.hardware.vllm_kv_cache_gib < 0:
@@ -149,11 +190,23 @@ def _validate_rollout_eval(cfg: Config) -> None:
     if not 0 < cfg.hardware.vllm_memory_share < 1:
         raise ConfigError("hardware.vllm_memory_share", f"{cfg.hardware.vllm_memory_share} is not a fraction in (0, 1)",
                           "set e.g. hardware.vllm_memory_share=0.3")
+    if r.max_batch_size < 0:
+        raise ConfigError("rollout.max_batch_size", f"must be >= 0, got {r.max_batch_size}", "use 0 for all sequences of a call")
+    check_vllm_memory(cfg, world_size)
+
+
+def _validate_eval(cfg: Config) -> None:
+    """Every algorithm: task names first, then whether this recipe evaluates at all."""
+    e = cfg.eval
     for task in e.tasks:
-        _choice("eval.tasks", task, ("gsm8k", "math", "math500", "arithmetic"))
-    if e.every_steps < 0 or e.limit < 0 or e.max_new_tokens < 0 or r.max_batch_size < 0 or e.table_rows < 0:
+        _choice("eval.tasks", task, EVAL_TASKS)
+    if e.tasks and not isinstance(cfg.algo, GRPOConfig):
+        raise ConfigError("eval.tasks", f"evaluation during training runs in the GRPO recipe only (it needs the rollout "
+                          f"engine), not in algo={cfg.algo.name}", "leave eval.tasks empty and evaluate the export "
+                          "afterwards: python -m eval model=<run_dir>/hf tasks=[...]")
+    if e.every_steps < 0 or e.limit < 0 or e.max_new_tokens < 0 or e.table_rows < 0:
         raise ConfigError("eval.every_steps", f"every_steps={e.every_steps}, limit={e.limit}, max_new_tokens={e.max_new_tokens}, "
-                          f"rollout.max_batch_size={r.max_batch_size}", "use values >= 0 (0: default / off)")
+                          f"table_rows={e.table_rows}", "use values >= 0 (0: default / off)")
     _positive("eval.k", e.k)
     _positive("eval.batch_size", e.batch_size)
     if e.data_dir and not os.path.isdir(os.path.expanduser(e.data_dir)):

@@ -43,11 +43,15 @@ from __future__ import annotations
 import os
 import secrets
 import string
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from grpo_fsdp.config import LoggingConfig
 from grpo_fsdp.metrics_file import NAMESPACES
+from grpo_fsdp.redaction import redact, redact_args
 
 STEP_KEY = "train/step"
 _ID_CHARS = string.ascii_lowercase + string.digits
@@ -74,6 +78,19 @@ def _parse_config(config_yaml: str) -> dict:
     except yaml.YAMLError:  # W&B then shows no config; config.yaml still holds the text
         return {}
     return parsed if isinstance(parsed, dict) else {}
+
+
+@contextmanager
+def _argv_redacted() -> Iterator[None]:
+    """W&B records `sys.argv[1:]` in the run's metadata (its `_args` setting, read when `wandb.init`
+    sends the settings to wandb-core), and `wandb sync` uploads it: a key given on the command line
+    would sit in the offline `.wandb` file. Show W&B a redacted argv for the length of `init` only."""
+    saved = sys.argv[:]
+    sys.argv[1:] = redact_args(saved[1:])
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved
 
 
 def resolved_mode() -> str:
@@ -117,7 +134,7 @@ def open_run(
         # one ("run ID ... is in use"). A WANDB_SERVICE inherited from a parent that called
         # wandb.setup() (or set by hand) is therefore left to rank 0; the others start their own.
         os.environ.pop("WANDB_SERVICE", None)
-    config = _parse_config(config_yaml)
+    config = redact(_parse_config(config_yaml))  # config.yaml is redacted already; a caller's own yaml may not be
     config.setdefault("world_size", world_size)
     mode = resolved_mode()
     shared = world_size > 1 and mode == "online"
@@ -131,18 +148,19 @@ def open_run(
     elif rank > 0:
         settings["x_sync_dir_suffix"] = f"rank{rank}"  # never rank 0's directory, whatever the clock
         settings["symlink"] = False  # wandb/latest-run keeps pointing at rank 0's run
-    run = wandb.init(
-        project=cfg.wandb_project,
-        entity=cfg.wandb_entity or None,
-        name=name,
-        dir=str(run_dir),
-        # Every rank sends the same config: an offline sync uploads each file's run record in turn,
-        # and a worker with an empty config would otherwise blank the run's config.
-        config=config,
-        id=run_id,
-        resume="allow" if rank == 0 or not shared else None,
-        settings=wandb.Settings(**settings),
-    )
+    with _argv_redacted():
+        run = wandb.init(
+            project=cfg.wandb_project,
+            entity=cfg.wandb_entity or None,
+            name=name,
+            dir=str(run_dir),
+            # Every rank sends the same config: an offline sync uploads each file's run record in turn,
+            # and a worker with an empty config would otherwise blank the run's config.
+            config=config,
+            id=run_id,
+            resume="allow" if rank == 0 or not shared else None,
+            settings=wandb.Settings(**settings),
+        )
     run.define_metric(STEP_KEY)
     for namespace in NAMESPACES:
         run.define_metric(namespace + "*", step_metric=STEP_KEY)

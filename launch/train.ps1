@@ -6,10 +6,12 @@
     launch\train.ps1 -NProc 1 model=tiny train.max_steps=5
 .NOTES
     Processes per node: -NProc, else $env:NPROC, else the hardware profile's nproc_per_node
-    (composed from the same overrides), capped by the GPUs nvidia-smi lists. Every other argument
+    (composed from the same overrides), capped by the GPUs torch sees. Every other argument
     is a Hydra override, passed through untouched. Quote overrides that hold commas or brackets
     ('optim.betas=[0.9,0.95]'): unquoted, PowerShell splits them into an array.
     NCCL does not exist on Windows, so multi-GPU runs there are not a supported setup.
+    Exit code: the trainer's; a config mistake is one line and 2 before torchrun starts; 0 after a
+    clean SIGTERM save (on Linux pwsh: torchrun itself exits 1 then), as in launch/train.sh.
 #>
 # PositionalBinding off: otherwise the first override would be bound to -NProc by position and
 # fail the [int] conversion. The overrides are this script's $args, collected into $Overrides.
@@ -32,22 +34,33 @@ if (Test-Path $VenvTorchrun) {
 }
 
 if ($NProc -le 0 -and $env:NPROC) { $NProc = [int]$env:NPROC }
-if ($NProc -le 0) {
-    # A config mistake falls back to 1 on purpose: the trainer then reports it in one line.
-    # "Continue" while it runs: Windows PowerShell 5.1 turns native stderr into errors under "Stop".
-    $Code = "import sys; from grpo_fsdp.cli import compose; print(compose(sys.argv[1:]).hardware.nproc_per_node)"
-    $Previous = $ErrorActionPreference
-    $ErrorActionPreference = "Continue"
-    try { $Out = & $Py -c $Code @Overrides 2>$null } finally { $ErrorActionPreference = $Previous }
-    $NProc = if ($LASTEXITCODE -eq 0 -and $Out) { [int]($Out | Select-Object -Last 1) } else { 1 }
-    if (Get-Command nvidia-smi -ErrorAction SilentlyContinue) {
-        $Gpus = @(& nvidia-smi -L 2>$null | Where-Object { $_ -match '^GPU' }).Count
-        if ($Gpus -gt 0 -and $NProc -gt $Gpus) {
-            Write-Warning "profile asks for $NProc processes but $Gpus GPU(s) are present; using $Gpus"
-            $NProc = $Gpus
-        }
-    }
-}
+# Compose and validate before torchrun (launch/check_overrides.py): a mistake is one line and exit code 2,
+# not one per rank under torchrun's ChildFailedError. It prints the processes per node: -NProc when
+# given, else the profile's nproc_per_node capped by the GPUs torch sees.
+# "Continue" while it runs: Windows PowerShell 5.1 turns native stderr into errors under "Stop".
+$Previous = $ErrorActionPreference
+$ErrorActionPreference = "Continue"
+try { $Out = & $Py (Join-Path $PSScriptRoot "check_overrides.py") "--nproc=$NProc" @Overrides } finally { $ErrorActionPreference = $Previous }
+if ($LASTEXITCODE -ne 0) { exit $LASTEXITCODE }
+$NProc = [int]($Out | Select-Object -Last 1)
 
-& $Exe @Prefix --standalone "--nproc_per_node=$NProc" -m grpo_fsdp.train @Overrides
-exit $LASTEXITCODE
+# After a SIGTERM every rank saves and exits 0, but torchrun exits 1 (it re-raises the signal); the
+# trainer writes this marker after a clean save, and then this script exits 0 (see launch/train.sh).
+$Marker = Join-Path ([System.IO.Path]::GetTempPath()) ("grpo-fsdp-preempted-" + [guid]::NewGuid().ToString() + ".txt")
+$Saved = @{ Marker = $env:GRPO_FSDP_PREEMPT_MARKER; Launcher = $env:GRPO_FSDP_LAUNCHER }
+$env:GRPO_FSDP_PREEMPT_MARKER = $Marker
+$env:GRPO_FSDP_LAUNCHER = "& '$PSCommandPath' -NProc $NProc"  # how the resume command in the SIGTERM message starts
+try {
+    & $Exe @Prefix --standalone "--nproc_per_node=$NProc" -m grpo_fsdp.train @Overrides
+    $Code = $LASTEXITCODE
+    if ($Code -ne 0 -and (Test-Path $Marker)) {
+        $Step, $Ckpt, $Command = (Get-Content $Marker -TotalCount 1) -split "`t"
+        Write-Host "train.ps1: preempted; every rank saved step $Step in $Ckpt (torchrun exited $Code because it was signalled); exit 0. Resume with: $Command"
+        $Code = 0
+    }
+} finally {
+    Remove-Item $Marker -ErrorAction SilentlyContinue
+    $env:GRPO_FSDP_PREEMPT_MARKER = $Saved.Marker  # $env: changes would outlive the script in this session
+    $env:GRPO_FSDP_LAUNCHER = $Saved.Launcher
+}
+exit $Code

@@ -1,6 +1,7 @@
 """Checkpoints: bit-identical resume, crash safety, SIGTERM, and the Hugging Face export."""
 
 import json
+import shlex
 import signal
 import time
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 from conftest import SMALL, read_metrics, run_train, start_train
 from safetensors.torch import load_file
+
+from grpo_fsdp.checkpoint import verify
 
 N = 3  # steps before the kill; the straight run does 2N
 
@@ -70,12 +73,17 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 2):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     last = read_metrics(run_dir)[-1]["step"]
     ckpt = run_dir / "checkpoints" / f"step_{last:06d}"
     assert (ckpt / "COMPLETE").exists(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == last
+    assert verify(ckpt) is None  # its manifest matches
+    # the message names the command that resumes: the same overrides, resume and run_dir pinned (issue 11, item 3)
+    resume = shlex.join([*SMALL, "train.max_steps=100000", "checkpoint.resume=auto", f"run_dir={run_dir}"])
+    assert f"SIGTERM: saved checkpoint at step {last} in {ckpt}; exiting with code 0. " \
+           f"Resume with: python -m grpo_fsdp.train {resume}\n" in out
 
 
 def test_export_loads_in_transformers_with_same_logits(tmp_path):

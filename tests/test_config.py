@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 from grpo_fsdp.cli import compose, group_options, run_main
-from grpo_fsdp.config import Config
+from grpo_fsdp.config import Config, ConfigError
 from grpo_fsdp.train import dry_run, main
 from grpo_fsdp.validation import validate
 
@@ -23,9 +23,16 @@ def test_groups_hold_the_presets_the_product_promises():
 @pytest.mark.parametrize("hardware,model,data,algo", list(itertools.product(
     group_options("hardware"), group_options("model"), group_options("data"), group_options("algo"))))
 def test_every_combination_composes_and_validates(hardware, model, data, algo):
-    cfg = compose([f"hardware={hardware}", f"model={model}", f"data={data}", f"algo={algo}", "dry_run=true"])
+    chosen = [f"hardware={hardware}", f"model={model}", f"data={data}", f"algo={algo}", "dry_run=true"]
+    cfg = compose(chosen)
     assert isinstance(cfg, Config) and cfg.hardware.name == hardware and cfg.model.name == model
     assert cfg.data.name == data and cfg.algo.name == algo
+    if (hardware, model, algo) == ("cpu", "phi-3.5-mini", "grpo"):
+        # Phi-3.5 has no grouped-query attention: one 4096-token sequence needs 3 GiB of fp32 K/V, more than
+        # the cpu profile's 1 GiB vLLM KV cache (preflight.py). With the transformers engine it plans.
+        with pytest.raises(ConfigError, match=r"^hardware.vllm_kv_cache_gib: 1 GiB cannot hold one 4096-token sequence"):
+            validate(compose([*chosen, "rollout.engine=vllm"]), world_size=1, cuda_available=False)
+        cfg = compose([*chosen, "rollout.engine=hf"])
     validate(cfg, world_size=cfg.hardware.nproc_per_node, cuda_available=False)
 
 
@@ -73,6 +80,14 @@ BAD = [
     (["optim.lr=fast"], "optim.lr"),
     (["train.max_stepz=3"], "train.max_stepz"),
     (["hardware=h100x2"], "hardware.device"),  # CUDA profile on a machine without CUDA
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+    (["checkpoint.every_steps=-1"], "checkpoint.every_steps"),
+    (["+optim.lrr=1"], "optim.lrr"),
+    (["algo=grpo", "algo.temperature=0"], "algo.temperature"),
+    (["algo=sft", "eval.tasks=[nonexistent]"], "eval.tasks"),
+    (["train.max_steps=3"], "optim.warmup_steps"),
+    (["hardware.lora.alpha=8"], "hardware.lora.alpha"),  # removed: nothing read it
+    (["logging.log_every=5"], "logging.log_every"),  # removed: nothing read it
 ]
 
 

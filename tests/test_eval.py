@@ -5,6 +5,8 @@ MATH rows, and `python -m eval` end to end on a tiny checkpoint trained inside t
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -12,7 +14,7 @@ from collections import Counter
 import pytest
 from conftest import REPO, SHARED, SMALL, _env, run_train
 
-from eval.evaluate import evaluate
+from eval.evaluate import encode_prompts, evaluate
 from eval.metrics import answer_key, breakdown, majority_index, pass_at_k
 from eval.tasks import load_task
 from grpo_fsdp.data.records import Example
@@ -65,15 +67,17 @@ class ScriptedEngine:
     """A RolloutEngine whose completions are given per question: [(text, finish_reason), ...] for
     the n samples. Token ids are the tiny tokenizer's bytes, plus EOS when the text "stopped"."""
 
-    def __init__(self, script: dict[str, list[tuple[str, str]]]):
+    def __init__(self, script: dict[str, list[tuple[str, str]]], max_model_len: int | None = None):
         self.script, self.calls = script, []
         self.last_stats = GenerationStats()
+        self.max_model_len = max_model_len
 
     def generate(self, prompts, sampling: SamplingConfig, keys=None):
         self.calls.append((sampling, keys))
+        assert all(len(p) + sampling.max_new_tokens <= (self.max_model_len or 10**9) for p in prompts)
         out = []
         for i, prompt in enumerate(prompts):
-            question = TOK.decode(prompt).removeprefix("Question: ").split(INSTRUCTION)[0]  # the plain template
+            question = TOK.decode(prompt).removeprefix("Question: ").removesuffix("\nAnswer:").removesuffix(INSTRUCTION)
             for body, finish in self.script[question][: sampling.n]:
                 ids = TOK.encode(body) + ([TOK.eos_token_id] if finish == "stop" else [])
                 out.append(Completion(i, ids, [0.0] * len(ids), finish))
@@ -151,6 +155,74 @@ def test_evaluate_pass_and_maj_by_hand(scorer):
     assert r.metrics()["eval//pass@2"] == r.pass_at_k
     with pytest.raises(ValueError, match="identical"):
         evaluate(engine, TOK, examples, template="plain", k=2, temperature=0.0, scorer=scorer)
+
+
+def test_prompts_too_long_for_the_context_are_skipped_and_count_as_wrong(scorer):
+    """Issue 11 item 11: a prompt + max_new_tokens beyond the engine's context is skipped (vLLM raised
+    VLLMValidationError on it; transformers ran past max_position_embeddings), counted in one line and in
+    `skipped_too_long`, and scored wrong: the denominators stay the whole task."""
+    long_q = "Q-long " + "x" * 80
+    examples = [_ex("Q-a", "5", 1), _ex(long_q, "3", 1), _ex("Q-c", "7", 2)]
+    script = {"Q-a": [("\\boxed{5}", "stop"), ("\\boxed{5}", "stop")], long_q: [("\\boxed{3}", "stop")] * 2,
+              "Q-c": [("\\boxed{7}", "stop"), ("\\boxed{1}", "stop")]}
+    short_len, long_len, _ = map(len, encode_prompts(TOK, examples, "plain", INSTRUCTION))
+    context = long_len + 10 - 1  # the long prompt + 10 new tokens is one token too many; the short ones fit
+    assert short_len + 10 <= context
+    engine = ScriptedEngine(script, max_model_len=context)
+    lines = []
+    r = evaluate(engine, TOK, examples, template="plain", max_new_tokens=10, k=2, n=2, seed=3, scorer=scorer, task="long",
+                 log=lines.append)
+    assert lines == [(f"eval: long: skipped 1 of 3 problems whose prompt (up to {long_len} tokens) + max_new_tokens=10 "
+                     f"exceeds the model's {context}-token context; they count as wrong")]
+    assert [keys for _, keys in engine.calls] == [[0, 2]]  # the kept problems keep their task indices (their seeds)
+    assert (r.num_problems, r.skipped_too_long, r.max_model_len) == (3, 1, context)
+    assert (r.correct, r.accuracy) == (3, 3 / 6)  # 2 + 1 of 4 generated samples, over all 6 samples
+    assert r.pass_at_k == pytest.approx((1 + 0 + 1) / 3) and r.maj_at_k == pytest.approx(2 / 3)  # skipped: fails both
+    assert r.valid_format_rate == 1.0 and r.mean_length == (9 + 1) and r.truncated_rate == 0.0  # over generated samples
+    assert r.per_level == {"1": {"correct": 2, "total": 4, "accuracy": 0.5}, "2": {"correct": 1, "total": 2, "accuracy": 0.5}}
+    assert [(s["skipped"], s["prediction"], s["correct"]) for s in r.samples] == [
+        (False, "\\boxed{5}", True), (True, "", False), (False, "\\boxed{7}", True)]
+    assert r.metrics()["eval/long/skipped_too_long"] == 1.0 and r.to_dict()["skipped_too_long"] == 1
+    # every problem too long: nothing generated, all wrong, no crash
+    none_fit = evaluate(ScriptedEngine(script, max_model_len=short_len), TOK, examples, template="plain",
+                        max_new_tokens=10, scorer=scorer, task="all", log=None)
+    assert (none_fit.skipped_too_long, none_fit.correct, none_fit.accuracy, none_fit.mean_length) == (3, 0, 0.0, 0.0)
+
+
+def test_periodic_eval_skips_long_prompts_in_one_line(scorer, tmp_path, capsys):
+    """The evaluation between training steps (recipes/periodic_eval.py) skips and counts them too, and logs
+    eval/<task>/skipped_too_long; the run goes on."""
+    from grpo_fsdp.config import ConfigError, EvalConfig
+    from grpo_fsdp.recipes.periodic_eval import PeriodicEval
+
+    rows = [{"question": "1+1?", "answer": "so #### 2"}, {"question": "2+" * 60 + "2?", "answer": "#### 122"}]
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluator = PeriodicEval(EvalConfig(tasks=["gsm8k"], data_dir=str(tmp_path), max_new_tokens=16), rank=0, eval_rank=0,
+                             tokenizer=TOK, template="plain", instruction="", scorer=scorer, max_steps=1, seed=0)
+    engine = ScriptedEngine({"1+1?": [("\\boxed{2}", "stop")]}, max_model_len=100)
+
+    class Logger:
+        def __init__(self):
+            self.metrics, self.tables = {}, []
+
+        def log_eval(self, step, metrics):
+            self.metrics[step] = metrics
+
+        def log_table(self, step, key, columns, rows):
+            self.tables.append((key, rows))
+
+    logger = Logger()
+    evaluator(1, engine, logger)
+    assert logger.metrics[1]["eval/gsm8k/skipped_too_long"] == 1.0 and logger.metrics[1]["eval/gsm8k/accuracy"] == 0.5
+    with pytest.raises(ConfigError, match=re.escape(
+            "eval.max_new_tokens: 512 (task gsm8k's default) leaves no room for a prompt in the model's 512-token context; "
+            "set eval.max_new_tokens=<below 512, e.g. 256>")):  # e.g. the demo's tiny model; refused on every rank
+        PeriodicEval(EvalConfig(tasks=["gsm8k"]), rank=1, eval_rank=0, tokenizer=TOK, template="plain", instruction="",
+                     scorer=scorer, max_steps=1, seed=0, context=512)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert re.fullmatch(r"eval step 1: gsm8k accuracy 50\.0% of 2 \(\d+\.\d s; 1 skipped as wrong: prompt \+ 16 new tokens "
+                        r"exceed the 100-token context\)", line), line
 
 
 def test_per_level_and_subject_counts_add_up(scorer):
@@ -231,6 +303,48 @@ def test_held_out_accuracy_matches_cli(checkpoint, cli_results):
     cli = cli_results[1]["tasks"]["arithmetic"]
     acc = held_out_accuracy(checkpoint, load_task("arithmetic", limit=6), max_new_tokens=12, batch_size=4)
     assert (acc.total, acc.correct, acc.mean_length) == (6, cli["correct"], cli["mean_length"])
+
+
+def test_cli_skips_prompts_longer_than_the_context(checkpoint, tmp_path):
+    """Issue 11 item 11 on the transformers engine, end to end: the demo's model has a 512-token context and a
+    GSM8K prompt of 561 tokens ended the run in a traceback (vLLM) or ran past the positions the model knows
+    (transformers). Here the context is cut to 96 tokens and one handmade question is too long for it."""
+    model = tmp_path / "short_context"
+    shutil.copytree(checkpoint, model)
+    conf = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**conf, "max_position_embeddings": 96}))
+    rows = [{"question": "1+2?", "answer": "#### 3"}, {"question": "What is " + "1+" * 40 + "1?", "answer": "#### 41"},
+            {"question": "4+4?", "answer": "#### 8"}]
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "results.json"
+    proc = _eval_cli(f"model={model}", "tasks=[gsm8k]", f"data_dir={tmp_path}", "max_new_tokens=16", "instruction=",
+                     f"out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    long_len = len(encode_prompts(TOK, [Example(rows[1]["question"], "", "41", {})], "auto", "")[0])
+    assert (f"eval: gsm8k: skipped 1 of 3 problems whose prompt (up to {long_len} tokens) + max_new_tokens=16 exceeds "
+            "the model's 96-token context; they count as wrong") in proc.stderr.splitlines()
+    task = json.loads(out.read_text())["tasks"]["gsm8k"]
+    assert (task["num_problems"], task["skipped_too_long"], task["max_model_len"]) == (3, 1, 96)
+    assert [s["skipped"] for s in task["samples"]] == [False, True, False] and task["samples"][1]["prediction"] == ""
+    assert 0 < task["mean_length"] <= 16  # over the two generated problems
+    # a budget that leaves no room for any prompt: one line before the weights load
+    proc = _eval_cli(f"model={model}", "tasks=[gsm8k]", f"data_dir={tmp_path}", "max_new_tokens=96")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        ("error: max_new_tokens: 96 (the max_new_tokens option) leaves no room for a prompt in the model's 96-token context; "
+        "set max_new_tokens=<below 96, e.g. 48>")], proc.stderr
+
+
+def test_hf_engine_refuses_a_prompt_with_no_room(checkpoint):
+    """The engines agree on a prompt that fills the context: vLLM raised its own VLLMValidationError, the transformers
+    engine generated past max_position_embeddings; both now raise the same ValueError (callers skip such prompts)."""
+    from eval.engines import build_engine, load_model_tokenizer
+
+    engine = build_engine("hf", str(checkpoint), load_model_tokenizer(str(checkpoint)), device="cpu", dtype="float32")
+    assert engine.max_model_len == 512
+    with pytest.raises(ValueError, match="prompt 1 has 512 tokens, which leaves no room for a new token in the model's "
+                                         "512-token context"):
+        engine.generate([[5] * 10, [5] * 512], SamplingConfig(n=1, temperature=0.0, max_new_tokens=4))
 
 
 @pytest.mark.parametrize(("args", "expected"), [

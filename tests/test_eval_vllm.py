@@ -1,4 +1,6 @@
-"""The evaluator on vLLM equals the evaluator on the transformers engine (greedy, same checkpoint).
+"""The evaluator on vLLM equals the evaluator on the transformers engine (greedy, same checkpoint),
+a problem too long for the model's 512-token context included: both skip it and count it (vLLM used to
+end the evaluation in a VLLMValidationError, issue 11 item 11).
 
 The checkpoint is the SMALL model with 2 heads (head_dim 32: vLLM's CPU attention has no kernel
 for 16) after a short SFT on the toy sums, so that its answers are neither all right nor all
@@ -20,6 +22,7 @@ from eval.engines import build_engine, load_model_tokenizer
 from eval.evaluate import evaluate
 from eval.tasks import load_task
 from grpo_fsdp.config import ArithmeticConfig
+from grpo_fsdp.data.records import Example
 from grpo_fsdp.rewards import RewardScorer
 
 PROBLEMS = 60
@@ -39,6 +42,7 @@ def test_vllm_and_transformers_evaluate_alike(checkpoint):
     tok = load_model_tokenizer(checkpoint)
     examples = load_task("arithmetic", arithmetic=ArithmeticConfig(max_operand=9, ops=["+"], num_train=256, num_test=PROBLEMS))
     assert len(examples) == PROBLEMS
+    examples.insert(7, Example("+".join(["1"] * 300) + "=", "", "300", {}))  # ~620 tokens: longer than the context
     results = {}
     with RewardScorer(num_workers=1) as scorer:
         for name in ("hf", "vllm"):
@@ -46,6 +50,9 @@ def test_vllm_and_transformers_evaluate_alike(checkpoint):
             results[name] = evaluate(engine, tok, examples, instruction="", max_new_tokens=48, scorer=scorer, task="toy")
             engine.close()
     hf, vl = results["hf"], results["vllm"]
+    assert (hf.max_model_len, vl.max_model_len) == (512, 512)
+    assert (hf.skipped_too_long, vl.skipped_too_long, vl.num_problems) == (1, 1, PROBLEMS + 1)
+    assert vl.samples[7]["skipped"] and not vl.samples[7]["correct"]
     assert [s["prediction"] for s in vl.samples] == [s["prediction"] for s in hf.samples]
     assert (vl.correct, vl.accuracy, vl.valid_format_rate, vl.mean_length) == (hf.correct, hf.accuracy, hf.valid_format_rate,
                                                                              hf.mean_length)

@@ -190,9 +190,39 @@ def test_counts_and_truncation_mask():
     truncated = torch.tensor([False, True, False])
     masked = mask_truncated(MASK, truncated)
     assert masked.tolist() == [[True, True, True, False], [False] * 4, [True] * 4]
-    counts = count_contributions(masked)  # the empty row is absent: 7 tokens, 2 sequences
-    assert counts["global_tokens"].item() == 7 and counts["global_sequences"].item() == 2
-    close(aggregate_grpo(PER_TOKEN, masked, 2), (2 + 10.5) / 2)
+    counts = count_contributions(masked)  # the empty row scores no token but is still a sequence: 7 tokens, 3 sequences
+    assert counts["global_tokens"].item() == 7 and counts["global_sequences"].item() == 3
+    close(aggregate_grpo(PER_TOKEN, masked, 3), (2 + 0 + 10.5) / 3)
+
+
+# The same three rows with row 1 fully masked (overlong-filtered, or its group dropped as zero-variance).
+#   scored tokens: row 0 [1, 2, 3] (sum 6, length 3), row 1 none, row 2 [9, 10, 11, 12] (sum 42, length 4)
+#   -> 7 tokens, token sum 48; 3 rows in the step
+EMPTY_ROW_MASK = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("grpo", (6 / 3 + 0 + 42 / 4) / 3),  # DeepSeekMath: 1/G over all G outputs = (2 + 0 + 10.5) / 3 = 4.1667, not / 2
+    ("dr_grpo", 48 / (3 * 4)),  # Dr. GRPO: / (3 rows x budget 4) = 4.0, not 48 / (2 x 4) = 6.0
+    ("dapo", 48 / 7),  # token level: the empty row has no token, so it is simply absent
+    ("bnpo", 48 / 7),
+])
+def test_an_empty_row_counts_in_the_sequence_denominators(name, expected):
+    """The counts the recipe all-reduces come from `count_contributions`; an empty row is one of the
+    step's sequences, so the grpo and dr_grpo denominators are those of the papers (issue 11, item 15)."""
+    counts = count_contributions(EMPTY_ROW_MASK)
+    assert counts["global_tokens"].item() == 7 and counts["global_sequences"].item() == 3
+    norm = {**counts, "max_completion_length": 4}
+    loss = AGGREGATIONS[name](PER_TOKEN, EMPTY_ROW_MASK, **{k: norm[k] for k in normalisers_needed(name)})
+    close(loss, expected)
+
+
+def test_dr_grpo_normaliser_does_not_move_when_a_row_is_masked():
+    # rows 0 and 2 keep the same scored tokens; masking row 1 (token 5) removes only its 5 from the sum:
+    # unmasked (6 + 5 + 42) / (3 x 4) = 53 / 12, masked (6 + 42) / (3 x 4) = 48 / 12 -- same denominator 12
+    for mask, total in ((MASK, 53), (EMPTY_ROW_MASK, 48)):
+        n = count_contributions(mask)["global_sequences"]
+        close(aggregate_dr_grpo(PER_TOKEN, mask, n, 4), total / 12)
 
 
 def test_normalisers_needed():
@@ -214,7 +244,7 @@ def test_micro_batch_invariance(name):
     adv = torch.randn(n, generator=g, dtype=torch.float64)
     lengths = torch.tensor([5, 1, 3, 0, 4, 2])  # ragged, one empty completion
     mask = torch.arange(t) < lengths.unsqueeze(1)
-    counts = count_contributions(mask)  # what the recipe all-reduces: 15 tokens, 5 sequences
+    counts = count_contributions(mask)  # what the recipe all-reduces: 15 tokens, 6 sequences (the empty one counts)
     normalisers = {**counts, "max_completion_length": t}
     kw = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.04, "aggregation": name, "normalisers": normalisers}
 

@@ -101,3 +101,81 @@ def test_grpo_raises_the_reward_on_a_toy_task(tmp_path, sft_tiny):
     first = sum(r["reward/mean"] for r in rows[:5]) / 5
     last = sum(r["reward/mean"] for r in rows[-5:]) / 5
     assert last >= first + 0.2, (first, last)  # measured: 0.12 -> 0.47
+
+
+# ---------------------------------------------------------------- a step that scores no token (issue 11, item 14)
+
+
+def test_optimizer_step_skips_an_update_that_scores_no_token():
+    """An update with no scored token on any rank must not move the weights on AdamW's stale momentum,
+    advance the LR schedule, call the model, or report NaN (before: loss 0/0 = NaN, NaN weights)."""
+    import torch
+
+    from grpo_fsdp import distributed
+    from grpo_fsdp.config import GRPOConfig, OptimConfig
+    from grpo_fsdp.recipes.grpo import optimizer_step
+    from grpo_fsdp.schedule import build_scheduler
+
+    class Toy(torch.nn.Module):  # the recipe's call signature: logp[n, t] = log_softmax(w)[input_ids[n, t]]
+        def __init__(self):
+            super().__init__()
+            self.w, self.calls = torch.nn.Parameter(torch.tensor([0.5, -0.25, 0.0, 1.0])), 0
+
+        def forward(self, input_ids, target_mask, with_entropy=False, temperature=1.0):
+            self.calls += 1
+            logp = torch.where(target_mask, torch.log_softmax(self.w / temperature, dim=-1)[input_ids], 0.0)
+            return logp, torch.zeros_like(logp)
+
+    d = distributed.init("cpu")  # world size 1, in-process store: the recipe's all-reduce runs as in a real run
+    try:
+        policy = Toy()
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=0.1, weight_decay=0.0)
+        scheduler = build_scheduler(optimizer, OptimConfig(lr=0.1, warmup_steps=2, schedule="cosine"), total_steps=10)
+        ids = torch.tensor([[0, 3, 1], [2, 2, 0]])
+        scored = [{"inputs": {"input_ids": ids}, "target_mask": torch.tensor([[True, True, False], [True, False, False]]),
+                   "adv": torch.tensor([1.0, -1.0])}]
+        empty = [{**scored[0], "target_mask": torch.zeros(2, 3, dtype=torch.bool)}]
+        g = GRPOConfig()
+        first = optimizer_step(policy, optimizer, scheduler, scored, None, None, g, 1.0, d.device, 1.0)
+        assert first["skipped"] == 0 and first["grad_norm"] > 0 and policy.calls == 1
+        weights = policy.w.detach().clone()
+        state = {k: v.clone() for k, v in optimizer.state[policy.w].items()}  # exp_avg != 0: stale momentum
+        assert state["exp_avg"].abs().max() > 0
+        lr, epoch = scheduler.get_last_lr()[0], scheduler.last_epoch
+
+        second = optimizer_step(policy, optimizer, scheduler, empty, None, None, g, 1.0, d.device, 1.0)
+        assert (second["skipped"], second["loss"], second["grad_norm"], second["tokens"]) == (1, 0.0, 0.0, 0.0)
+        assert policy.calls == 1  # no forward, hence no backward: no FSDP collective on one rank only
+        assert torch.equal(policy.w.detach(), weights) and policy.w.grad is None
+        assert all(torch.equal(optimizer.state[policy.w][k], v) for k, v in state.items())
+        assert (scheduler.get_last_lr()[0], scheduler.last_epoch) == (lr, epoch)  # the schedule counts applied updates
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.distributed
+def test_grpo_steps_with_no_scored_token_skip_the_update_on_every_rank(tmp_path):
+    """Every completion truncated (ignore_eos) and masked (mask_truncated): each step is skipped on both
+    ranks, logs loss 0 and train/skipped_updates 1, and the exported weights are the initial ones bit for bit."""
+    import torch
+
+    from grpo_fsdp.cli import compose
+    from grpo_fsdp.models import full_state_dict, hf_config, load_tokenizer
+
+    run_dir = tmp_path / "skipped"
+    overrides = [*SMALL, *GRPO, "algo.prompts_per_step=2", "algo.group_size=2", "train.global_batch_size=4",
+                 "train.micro_batch_size=2", "algo.max_new_tokens=2", "algo.ignore_eos=true", "algo.mask_truncated=true",
+                 "optim.warmup_steps=1", "train.max_steps=2"]
+    run_train([*overrides, f"run_dir={run_dir}", "checkpoint.export_hf=true"], nproc=2)
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["rollout/truncation_rate"] == 1.0
+        assert (r["train/loss"], r["train/grad_norm"], r["train/skipped_updates"]) == (0.0, 0.0, 1)
+        assert r["train/lr"] == rows[0]["train/lr"]  # the scheduler did not advance
+    cfg = compose([*overrides, "algo=grpo"])
+    tok = load_tokenizer(cfg.model)
+    initial = full_state_dict(cfg.model, hf_config(cfg.model, tok, "sdpa"), cfg.train.seed)
+    exported = load_file(str(run_dir / "hf" / "model.safetensors"))
+    assert exported.keys() <= initial.keys() and len(exported) > 0
+    assert all(torch.equal(exported[k], initial[k]) for k in exported)

@@ -72,3 +72,37 @@ def test_a_model_built_from_shapes_takes_a_real_tokenizer(qwen_tokenizer_dir):
     conf = hf_config(cfg, tok, "sdpa")
     assert (conf.vocab_size, conf.eos_token_id, conf.pad_token_id) == (151936, 151645, 151643)
     assert tok("12+7=19").input_ids == [16, 17, 10, 22, 28, 16, 24]  # Qwen2.5 splits digits one by one
+
+
+def test_reference_is_a_frozen_copy_in_param_dtype_that_reshards_after_forward():
+    """algo.beta > 0 builds a reference (issue 11, item 16): before, a second full fp32 policy with grads
+    enabled. Now: the policy's weights cast to hardware.param_dtype, frozen, and resharded after every
+    forward (the policy's root stays gathered after a forward without backward; the reference's must not)."""
+    from torch.distributed.tensor import DTensor
+
+    from grpo_fsdp import distributed
+    from grpo_fsdp.cli import compose
+    from grpo_fsdp.models import build_policy, build_reference, load_tokenizer
+
+    cfg = compose([*SMALL, "algo=grpo", "algo.beta=0.04", "hardware.param_dtype=bfloat16"])
+    d = distributed.init("cpu")
+    try:
+        tok = load_tokenizer(cfg.model)
+        policy, conf = build_policy(cfg.model, cfg.hardware, tok, d, cfg.train.seed, 64)
+        reference = build_reference(policy, conf, cfg.model, cfg.hardware, d, 64)
+        assert {p.dtype for p in policy.parameters()} == {torch.float32}  # the trained copy keeps its fp32 master
+        assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+        assert not any(p.requires_grad for p in reference.parameters()) and not reference.training
+        pairs = list(zip(reference.named_parameters(), policy.named_parameters(), strict=True))
+        assert all(n == m and torch.equal(r.to_local(), p.to_local().to(torch.bfloat16)) for (n, r), (m, p) in pairs)
+
+        ids = torch.tensor([[5, 9, 14, 20, 7]])
+        kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target_mask": torch.ones(1, 4, dtype=torch.bool)}
+        with torch.no_grad():
+            ref_logp, _ = reference(**kw)
+            pol_logp, _ = policy(**kw)
+        assert isinstance(reference.lm_head.weight, DTensor)  # the root is sharded again
+        assert not isinstance(policy.lm_head.weight, DTensor)  # what a policy-built reference would have kept gathered
+        torch.testing.assert_close(ref_logp, pol_logp, rtol=0, atol=0)  # both compute on the same bf16 weights
+    finally:
+        distributed.shutdown()

@@ -155,3 +155,77 @@ def test_every_profile_and_model_composes_and_formats(hardware, model):
     table = format_table(est, cfg.hardware.gpu_memory_gib)
     assert "total per device" in table
     assert "batch semantics" in BatchPlan.from_config(cfg, world).format_table()
+
+
+# ---------------------------------------------------------------- GRPO: reference model and rollout engine
+# (issue 11, item 16) SMALL on h100x2 (bf16, c = 2 bytes, N = 2 ranks, activation checkpointing on):
+#   weights     4P/2 + 2 * (2 * LAYER + ROOT) = 5648 + 5648 = 11296
+#   gradients   4P/2 = 5648; optimizer 8P/2 = 11296
+#   activations 2*30*8*2 + 34*30*8 + 16*100*4*4 = 960 + 8160 + 25600 = 34720
+#   reference   bf16 shard c*P/N = 2*2824/2 = 2824 (before: not counted; built as a second fp32 policy, 4P/2 = 5648
+#               of weights plus its gathered copies)
+#   engine      the transformers engine's unsharded bf16 copy, c*P = 5648 (before: not counted)
+WEIGHTS, GRADS, OPTIM, ACTS = 4 * P // 2 + 2 * (2 * LAYER + ROOT), 4 * P // 2, 8 * P // 2, 2 * TOKENS * 8 * 2 + 34 * TOKENS * 8 + 16 * 100 * 4 * 4
+
+
+def grpo(*extra: str):
+    return small("algo=grpo", *extra)
+
+
+def test_grpo_reference_in_bf16_and_the_transformers_engine_copy():
+    est = estimate_memory(grpo("algo.beta=0.04", "rollout.engine=hf"), world_size=2)
+    assert (est.weights, est.gradients, est.optimizer, est.activations) == (WEIGHTS, GRADS, OPTIM, ACTS) == (11296, 5648, 11296, 34720)
+    assert est.reference == 2 * P // 2 == 2824
+    assert est.engine == 2 * P == 5648
+    # training: the engine sleeps in host memory (cuda, rollout.sleep_level=1)
+    assert est.training == 11296 + 5648 + 11296 + 34720 + 2824 == 65784
+    # generation: fp32 master shard 4P/2 + optimizer 8P/2 + reference + engine; gradients and activations are gone
+    assert est.generation == 5648 + 11296 + 2824 + 5648 == 25416
+    assert est.total == max(65784, 25416)
+    table = format_table(est, 80)
+    labels = [line.split("  ")[0] for line in table.splitlines()[2:]]
+    assert labels[:9] == ["parameters", "world size", "weights", "gradients", "optimizer", "activations", "reference model",
+                          "rollout engine", "training phase"]
+    assert any(n.startswith("reference model (algo.beta=0.04): bfloat16, frozen, sharded") for n in est.notes)
+    assert any(n.startswith("rollout engine: the transformers engine holds its own unsharded bfloat16 copy") for n in est.notes)
+
+
+def test_grpo_without_kl_has_no_reference_and_sft_has_neither():
+    est = estimate_memory(grpo("algo.beta=0", "rollout.engine=hf"), world_size=2)
+    assert est.reference == 0 and est.engine == 5648
+    assert est.training == 11296 + 5648 + 11296 + 34720 and est.generation == 5648 + 11296 + 5648
+    sft = estimate_memory(small(), world_size=2)
+    assert (sft.reference, sft.engine, sft.generation) == (0, 0, 0) and sft.total == sft.training == WEIGHTS + GRADS + OPTIM + ACTS
+    assert "rollout engine" not in format_table(sft, 80)
+
+
+def test_grpo_vllm_share_can_be_the_peak():
+    # vLLM reserves 0.3 x 80 GiB = 24 GiB (weights + KV cache) while generating: the generation phase is the peak
+    est = estimate_memory(grpo("algo.beta=0.04", "rollout.engine=vllm"), world_size=2)
+    share = round(0.3 * 80 * GIB)
+    assert est.engine == share == 25_769_803_776
+    assert est.generation == 5648 + 11296 + 2824 + share
+    assert est.total == est.generation > est.training == 65784
+    # rollout.engine=auto (the default) resolves at start-up: the larger of vLLM's share and the transformers copy
+    auto = estimate_memory(grpo("algo.beta=0.04"), world_size=2)
+    assert auto.engine == max(share, 2 * P) == share and auto.total == est.total
+    assert any(n.startswith("rollout engine (auto, the larger is counted): vLLM reserves") for n in auto.notes)
+
+
+def test_grpo_reference_goes_to_the_host_with_cpu_offload():
+    est = estimate_memory(grpo("algo.beta=0.04", "rollout.engine=hf", "hardware.cpu_offload=true"), world_size=2)
+    assert est.reference == 0 and est.cpu_bytes == 4 * P // 2 + 4 * P // 2 + 8 * P // 2 + 2 * P // 2
+    assert est.generation == 0 + 0 + 5648  # nothing of the trainer stays resident on the device
+    assert est.training == 2 * (2 * LAYER + ROOT) + ACTS
+
+
+def test_cpu_engine_stays_in_memory_while_training_unless_level_2():
+    # hardware=cpu: fp32 (c = 4), one process, no checkpointing; HFEngine.sleep(1) does nothing on a CPU device
+    def cpu(*extra):
+        return estimate_memory(compose(["hardware=cpu", *SMALL, "algo=grpo", "rollout.engine=hf", *extra]), world_size=1)
+
+    awake, level2 = cpu(), cpu("rollout.sleep_level=2")
+    plain = awake.weights + awake.gradients + awake.optimizer + awake.activations
+    assert awake.engine == level2.engine == 4 * P
+    assert awake.training == plain + 4 * P and level2.training == plain
+    assert awake.generation == level2.generation == 4 * P + 8 * P + 4 * P  # master + optimizer + engine

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from grpo_fsdp.answer_units import strip_units
 from grpo_fsdp.data.gsm8k import gsm8k_gold
 from grpo_fsdp.rewards import (
     ConstantRewardWatch,
@@ -21,6 +22,7 @@ from grpo_fsdp.rewards import (
     format_ok,
     grade,
     overlong_penalty,
+    timeout_warning,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -76,12 +78,62 @@ EQUIVALENT = [  # (gold, what the model boxed)
     ("1,000", "1000"),
     ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)"),
     ("\\text{(C)}", "C"),
+    ("20", "20\\%"),  # units, answer_units.py
 ]
 
 
 @pytest.mark.parametrize(("gold", "boxed"), EQUIVALENT)
 def test_equivalent_forms_in_process(gold, boxed):
     assert grade(f"So the answer is $\\boxed{{{boxed}}}$.", gold) == 1.0
+
+
+UNITS_RIGHT = [  # (gold, what the model boxed): one number with units around it scores as the number
+    ("20", "20\\%"),
+    ("20", "20%"),
+    ("20", "20\\,\\%"),
+    ("20", "20 percent"),
+    ("20", "20 dollars"),
+    ("20", "20.00 dollars"),
+    ("20", "\\text{20 dollars}"),
+    ("20", "\\text{\\$}20"),
+    ("1000", "\\$1,000"),
+    ("1234567", "1{,}234{,}567\\text{ dollars}"),
+    ("-5", "-5\\%"),
+    ("20\\%", "20"),  # a MATH gold with a percent sign
+    ("20\\%", "20\\%"),
+]
+UNITS_WRONG = [  # ... and nothing else changes: a wrong number stays wrong, a variable is not a unit
+    ("20", "21\\%"),
+    ("21", "20\\%"),
+    ("0.2", "20\\%"),  # a percentage is compared as its number (answer_units.py says why)
+    ("200", "20\\%"),
+    ("100", "\\$1,000"),
+    ("12", "1,2"),
+    ("1234", "12,34"),
+    ("10000", "1,0000"),
+    ("2", "2x"),
+    ("5", "5x"),
+    ("5x", "5"),
+    ("20", "20 \\text{ or } 30"),
+    ("5", "\\$5.50"),
+]
+
+
+@pytest.mark.parametrize(("gold", "boxed"), UNITS_RIGHT)
+def test_units_around_a_number_are_stripped(gold, boxed):
+    assert grade(f"So the answer is $\\boxed{{{boxed}}}$.", gold) == 1.0
+
+
+@pytest.mark.parametrize(("gold", "boxed"), UNITS_WRONG)
+def test_units_stripping_keeps_wrong_answers_wrong(gold, boxed):
+    assert grade(f"So the answer is $\\boxed{{{boxed}}}$.", gold) == 0.0
+
+
+def test_strip_units_leaves_everything_but_a_lone_number_alone():
+    assert [strip_units(a) for a in ("20\\%", "\\$1{,}000.50", "\\text{7 cents}", "1,000", ".5\\%")] == [
+        "20", "1000.50", "7", "1000", "0.5"]
+    for answer in ("20", "\\frac{1}{2}", "(1,2)", "1,2", "5x", "\\text{(C)}", "20\\text{ or }30", "x\\%", "\\$"):
+        assert strip_units(answer) == answer
 
 
 def test_equivalent_wrong_and_missing_answers_in_pool(scorer):
@@ -133,6 +185,36 @@ def test_timed_out_worker_is_killed_and_replaced():
         assert scorer._workers[0].proc.pid != pid
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # killed and reaped
+
+
+def test_step_budget_bounds_the_scoring_time():
+    """Six distinct hanging answers on two workers took 3 x timeout_s plus two worker restarts; with a budget the
+    step ends at the budget: the two cut by their own timeout count as timeouts, the four left when the budget
+    ran out as timeouts and over_budget, and the pool then grades as before."""
+    towers = [f"\\boxed{{9^{{9^{{9^{{{d}}}}}}}}}" for d in range(3, 9)]  # 9^(9^(9^3)) and up: sympy never ends
+    with RewardScorer(num_workers=2, timeout_s=1.5) as scorer:
+        scorer.wait_ready()
+        start = time.monotonic()
+        result = scorer.score(["\\boxed{5}", "\\boxed{6}", *towers], ["5"] * 8, [10] * 8, max_length=100, budget_s=2.5)
+        elapsed = time.monotonic() - start
+        assert result.statuses == ["ok", "ok", "timeout", "timeout"] + ["over_budget"] * 4
+        assert result.rewards == [1.0] + [0.0] * 7
+        assert (result.timeouts, result.over_budget, result.parse_failures) == (6, 4, 0)
+        assert result.metrics()["reward/over_budget"] == 4.0
+        assert 2.5 <= elapsed < 2.5 + 1.5, elapsed
+        assert _score(scorer, ["\\boxed{5}", "\\boxed{7}"], ["5", "5"]).rewards == [1.0, 0.0]
+
+
+def test_timeout_warning_passes_a_share_of_the_step():
+    assert timeout_warning(3, timeouts=6, over_budget=0, n=64, share=0.1, timeout_s=5, budget_s=30) is None  # 9%
+    assert timeout_warning(3, timeouts=0, over_budget=0, n=0, share=0.0, timeout_s=5, budget_s=30) is None
+    assert timeout_warning(3, timeouts=7, over_budget=0, n=64, share=0.1, timeout_s=5, budget_s=30) == (
+        "step 3: 7 of 64 answers (11%) scored 0 because grading timed out (algo.reward_timeout_s=5 per answer, "
+        "algo.reward_step_budget_s=30 per step); runaway or adversarial answers? raise those limits or "
+        "algo.reward_workers if honest answers are slow")
+    message = timeout_warning(9, timeouts=32, over_budget=20, n=64, share=0.1, timeout_s=2.5, budget_s=12.5)
+    assert message.startswith("step 9: 32 of 64 answers (50%) scored 0 because grading timed out, 20 of them when "
+                              "the step's 12.5 s budget ran out (algo.reward_timeout_s=2.5 per answer, ")
 
 
 def test_worker_that_died_while_idle_is_replaced(scorer):

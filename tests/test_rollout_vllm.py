@@ -171,6 +171,17 @@ def test_sampled_logprobs_match_full_forward(engine, model0, temperature, top_k,
             assert int(rank.max()) < 5
 
 
+# a prompt that fills the context: our one ValueError (vLLM's own was a VLLMValidationError traceback, issue 11
+# item 11), the same as the transformers engine's; callers skip such prompts (rollout.base.fits_context)
+def test_prompt_with_no_room_is_refused_like_the_hf_engine(engine, model0):
+    engine.load_weights(model0.state_dict().items())
+    assert engine.max_model_len == 256
+    with pytest.raises(ValueError, match="VLLMEngine.generate: prompt 1 has 256 tokens, which leaves no room for a new "
+                                         "token in the model's 256-token context"):
+        engine.generate([PROMPTS[0], [5] * 256], greedy())
+    assert len(engine.generate([[5] * 255], greedy(max_new_tokens=4))[0].token_ids) == 1  # vLLM stops at the context's end
+
+
 # (c) seeds: same seed same samples, another seed other samples, and batch layout does not matter
 def test_seed_reproducibility(engine, model0):
     engine.load_weights(model0.state_dict().items())

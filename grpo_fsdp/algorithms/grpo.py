@@ -28,8 +28,14 @@ Where this departs from the papers (and from common implementations):
     sequence-mean of token means (available as "grpo"). Every aggregation divides by counts
     over the WHOLE optimizer step (all micro-batches, all ranks), all-reduced by the caller, so
     the gradient does not depend on how the step is split (DESIGN.md, "Loss normalisation").
-  * A completion with no scored token (e.g. masked by `mask_truncated`) counts as absent: it adds
-    nothing to the token count nor to the sequence count (`count_contributions`), in every variant.
+  * A completion with no scored token (masked by `mask_truncated`, or in a group dropped by
+    `filter_zero_variance`) adds nothing to the token count but still counts as a sequence
+    (`count_contributions`): DeepSeekMath's objective averages over all G outputs of each group
+    (1/G sum_i), and Dr. GRPO divides by a constant, generation budget x number of sequences, so
+    masking a row must not change either denominator; the masked row contributes 0 to the sum.
+    "dapo"/"bnpo" divide by scored tokens, so there a masked row is simply absent. (TRL's "grpo"
+    and "dr_grpo" losses also count masked rows: they use the batch's row count.) A step with no
+    scored token at all is not an update: the recipe skips it (`recipes/grpo.py`, `optimizer_step`).
   * The KL penalty is added per token before aggregation (DeepSeekMath eq. 3), not to the reward.
 """
 
@@ -175,7 +181,9 @@ def aggregate_grpo(per_token: torch.Tensor, mask: torch.Tensor, global_sequences
     """DeepSeekMath eq. 3: mean over sequences of each sequence's token mean -> scalar.
 
     Sum over this micro-batch's sequences of (token sum / own length), / step sequence count. The
-    inner mean is per sequence, so it needs no global count; empty sequences contribute 0.
+    inner mean is per sequence, so it needs no global count. `global_sequences` counts every row of
+    the step, fully masked ones included (eq. 3's 1/G runs over all G outputs): an empty row adds 0
+    to the sum but still 1 to the denominator.
     """
     lengths = mask.sum(dim=-1).clamp(min=1)  # [N]
     return (_masked_sum(per_token, mask) / lengths).sum() / global_sequences
@@ -187,6 +195,8 @@ def aggregate_dr_grpo(
     """Dr. GRPO: token sum / (step sequence count * generation budget), a length-independent constant.
 
     Removes the 1/|o_i| factor that makes GRPO favour long wrong answers (Liu et al. 2025, sec. 3.1).
+    `global_sequences` counts every row of the step, fully masked ones included, so the constant does
+    not move when filtering or overlong masking empties rows.
     """
     return _masked_sum(per_token, mask).sum() / (global_sequences * max_completion_length)
 
@@ -231,9 +241,10 @@ def normalisers_needed(name: str) -> frozenset[str]:
 def count_contributions(mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """One micro-batch's share of the global counts: mask [N, T] -> {"global_tokens", "global_sequences"} scalars.
 
-    A sequence counts only if it has at least one scored token (an overlong-filtered one does not).
+    global_tokens: scored tokens. global_sequences: rows, N, fully masked rows included (an
+    overlong-filtered or zero-variance-filtered completion still counts; see the module docstring).
     """
-    return {"global_tokens": mask.sum(), "global_sequences": mask.any(dim=-1).sum()}
+    return {"global_tokens": mask.sum(), "global_sequences": torch.tensor(mask.shape[0])}
 
 
 # ---------------------------------------------------------------- the loss

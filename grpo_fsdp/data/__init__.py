@@ -7,6 +7,7 @@
     loading.py       `load_examples(cfg, split)`: local JSONL or the hub, malformed rows counted
     templates.py     prompt and completion text (chat or plain), consistent with each other
     sft.py           tokenization with a loss mask, and padding collation
+    lengths.py       which rollout prompts fit data.max_prompt_length and the model's context (counted)
     batching.py      stateless batch order (resume- and world-size-independent)
 """
 

@@ -14,6 +14,7 @@ KL off unless algo.beta > 0.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -22,22 +23,24 @@ import torch
 
 from grpo_fsdp import distributed
 from grpo_fsdp.algorithms.grpo import count_contributions, group_advantages, grpo_loss, zero_variance_groups
-from grpo_fsdp.checkpoint import Checkpointer
+from grpo_fsdp.checkpoint import Checkpointer, resume_key
 from grpo_fsdp.cli import redacted_yaml
 from grpo_fsdp.config import Config, GRPOConfig
 from grpo_fsdp.data.batching import global_batch_indices
+from grpo_fsdp.data.lengths import fit_prompts
 from grpo_fsdp.data.loading import load_examples
 from grpo_fsdp.data.templates import encode_prompt, render_prompt
 from grpo_fsdp.export import export_hf
 from grpo_fsdp.faults import maybe_fault
 from grpo_fsdp.logging import make_logger
-from grpo_fsdp.models import build_policy, load_tokenizer
+from grpo_fsdp.models import build_policy, build_reference, hf_config, load_tokenizer
 from grpo_fsdp.optim import build_optimizer
 from grpo_fsdp.plan import BatchPlan
 from grpo_fsdp.preemption import Preemption
 from grpo_fsdp.recipes.periodic_eval import PeriodicEval
 from grpo_fsdp.recipes.rollout_batch import gather_rollout, micro_batches, rank_share, to_device
-from grpo_fsdp.rewards import ConstantRewardWatch, RewardScorer, RewardWeights
+from grpo_fsdp.recipes.teardown import Teardown
+from grpo_fsdp.rewards import ConstantRewardWatch, RewardScorer, RewardWeights, timeout_warning
 from grpo_fsdp.rollout.base import SamplingConfig
 from grpo_fsdp.rollout.factory import engine_from_config, probe_tolerance
 from grpo_fsdp.rollout.probe import check_sync
@@ -90,14 +93,26 @@ def score_logprobs(model, batches, device, temperature: float) -> list[torch.Ten
 
 def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOConfig, max_grad_norm: float, device,
                    temperature: float) -> dict[str, float]:
-    """Forward/backward every micro-batch of one optimizer step, clip, step. Returns this rank's sums."""
+    """Forward/backward every micro-batch of one optimizer step, clip, step. Returns this rank's sums.
+
+    A step that scores no token on any rank (every group dropped by filter_zero_variance, every completion
+    cut under mask_truncated) is skipped, identically on every rank since they decide on the all-reduced
+    count: no forward or backward (FSDP's collectives run on all ranks or on none), no AdamW step (it would
+    move the weights on stale momentum) and no scheduler step: the LR schedule counts applied updates, as
+    AdamW's own step count does, so warmup is never spent on skipped ones (cost: a run with skipped updates
+    ends before the schedule's last value). It reports loss 0 and grad norm 0 (nothing is scored, the
+    gradient is zero) and skipped = 1, logged as train/skipped_updates.
+    """
     local = defaultdict(int)
     for b in batches:
         for k, v in count_contributions(b["target_mask"]).items():
             local[k] += int(v)
     norm = {k: distributed.all_reduce_sum(v, device) for k, v in local.items()}  # the step's global counts
     norm["max_completion_length"] = g.max_new_tokens
-    sums = defaultdict(float)
+    sums = defaultdict(float, skipped=0)
+    if norm["global_tokens"] == 0:  # the same on every rank: all skip together
+        sums.update(skipped=1, grad_norm=0.0)
+        return sums
     for i, b in enumerate(batches):
         tm = b["target_mask"].to(device)
         logp, ent = policy(**to_device(b["inputs"], device), target_mask=tm, with_entropy=True, temperature=temperature)
@@ -121,40 +136,52 @@ def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOCon
 
 
 def run(cfg: Config) -> int:
-    d = distributed.init(cfg.hardware.device)
-    run_dir = distributed.agree_run_dir(cfg.run_dir, f"grpo-{cfg.model.name}-{cfg.data.name}")
+    with Teardown() as td:  # one ExitStack, released in a fixed order: engine, reward workers, logger, process group
+        return _run(cfg, td)
+
+
+def _run(cfg: Config, td: Teardown) -> int:
+    d = distributed.init(cfg.hardware.device, cfg.hardware.collective_timeout_s)
+    td.add("process_group", distributed.shutdown)
+    run_dir = distributed.agree_run_dir(cfg.run_dir, f"grpo-{cfg.model.name}-{cfg.data.name}", resume_key(cfg))
     g, t, o = cfg.algo, cfg.train, cfg.optim
 
     # 1. prompts: rendered and tokenized once on every rank
     tokenizer = load_tokenizer(cfg.model)
     examples = load_examples(cfg.data, cfg.data.train_split)
     prompts = [encode_prompt(tokenizer, render_prompt(tokenizer, e.question, cfg.model.template, cfg.data.instruction)) for e in examples]
-    keep = [i for i, p in enumerate(prompts) if len(p) <= cfg.data.max_prompt_length]
-    examples, prompts = [examples[i] for i in keep], [prompts[i] for i in keep]
+    context = getattr(hf_config(cfg.model, tokenizer, "sdpa"), "max_position_embeddings", None)  # config.json only
+    fit = fit_prompts([len(p) for p in prompts], cfg.data.max_prompt_length, g.max_new_tokens, context, g.prompts_per_step)
+    examples, prompts = [examples[i] for i in fit.kept], [prompts[i] for i in fit.kept]
+    if fit.summary and d.is_main:
+        print(fit.summary, file=sys.stderr, flush=True)
 
     # 2. reward workers (they import their grader while the models load), policy (+ reference only when
     #    beta > 0), optimizer, engine
     scorer = RewardScorer(RewardWeights(g.reward_correct, g.reward_format, g.overlong_penalty, g.overlong_buffer),
                           num_workers=g.reward_workers, timeout_s=g.reward_timeout_s)
+    td.add("rewards", scorer)
     policy, hf_conf = build_policy(cfg.model, cfg.hardware, tokenizer, d, t.seed, t.logprob_chunk_size)
-    reference = build_policy(cfg.model, cfg.hardware, tokenizer, d, t.seed, t.logprob_chunk_size)[0].eval() if g.beta > 0 else None
+    reference = build_reference(policy, hf_conf, cfg.model, cfg.hardware, d, t.logprob_chunk_size) if g.beta > 0 else None
     optimizer = build_optimizer(policy.parameters(), o)
     plan = BatchPlan.from_config(cfg, d.world_size)
     scheduler = build_scheduler(optimizer, o, t.max_steps * plan.optimizer_steps_per_batch)
-    engine = engine_from_config(cfg, hf_conf, tokenizer, d.device, d.rank, run_dir)  # auto: vLLM if it imports
+    engine = td.add("engine", engine_from_config(cfg, hf_conf, tokenizer, d.device, d.rank, run_dir))  # auto: vLLM if it imports
     probes, tolerance = prompts[: cfg.rollout.probe_prompts], probe_tolerance(cfg)
     watch = ConstantRewardWatch(g.constant_reward_warn_steps)
     evaluator = PeriodicEval(cfg.eval, d.rank, d.eval_rank, tokenizer, cfg.model.template, cfg.data.instruction, scorer,
-                             t.max_steps, t.seed)
+                             t.max_steps, t.seed, context=engine.max_model_len)
 
     ckpt = Checkpointer(f"{run_dir}/checkpoints", cfg.checkpoint.keep_last)
-    source = ckpt.latest() if cfg.checkpoint.resume == "auto" else (None if cfg.checkpoint.resume == "none" else cfg.checkpoint.resume)
-    start = ckpt.load(source, policy, optimizer, scheduler).step if source is not None else 0
+    start, resumed = ckpt.resume(cfg.checkpoint.resume, policy, optimizer, scheduler)  # "resumed at step N from ..."
     first_gap = sync_weights(policy, engine, probes, tolerance, d.device, first=True)  # logged with the first step
     logger = make_logger(d.rank, run_dir=run_dir, cfg=cfg.logging, config_yaml=redacted_yaml(cfg), total_steps=t.max_steps,
                          run_name=run_dir.rstrip("/").split("/")[-1], world_size=d.world_size, start_step=start, device=d.device)
+    td.add("logger", logger)
     logger.print(plan.format_table())
+    logger.print(f"run dir: {run_dir}\n{resumed}")
     preempt = Preemption()
+    td.callback(preempt.restore)
     per_rank = g.prompts_per_step // d.world_size
     lo, hi = d.rank * per_rank, (d.rank + 1) * per_rank  # this rank's prompt positions in every step
     n_opt = plan.optimizer_steps_per_batch // g.updates_per_rollout  # optimizer steps per pass over the rollout
@@ -180,7 +207,8 @@ def run(cfg: Config) -> int:
         with phases("score"):
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
             golds = [examples[ids[lo + c.prompt_index]].answer for c in completions]
-            scored = scorer.score(texts, golds, [len(c.token_ids) for c in completions], g.max_new_tokens)
+            scored = scorer.score(texts, golds, [len(c.token_ids) for c in completions], g.max_new_tokens,
+                                  budget_s=g.reward_step_budget_s)  # hanging answers cost at most the budget
             rollout = gather_rollout(completions, scored.rewards, [prompts[i] for i in ids], g.group_size)
             adv = group_advantages(rollout.rewards, g.group_size, g.advantage_scale)  # [P*G]
             keep = torch.ones_like(rollout.truncated)
@@ -220,7 +248,7 @@ def run(cfg: Config) -> int:
             "train/loss": total["loss"] / plan.optimizer_steps_per_batch, "train/entropy": total["entropy"] / tokens,
             "train/clip_frac_low": total["clip_low"] / tokens, "train/clip_frac_high": total["clip_high"] / tokens,
             "train/kl": total["kl"] / tokens, "train/grad_norm": sum(x["grad_norm"] for x in done) / len(done),
-            "train/lr": scheduler.get_last_lr()[0],
+            "train/lr": scheduler.get_last_lr()[0], "train/skipped_updates": sum(x["skipped"] for x in done),
             **_stats("reward/", rollout.rewards),
             "reward/correct_rate": distributed.all_reduce_sum(sum(scored.correct), d.device) / len(rollout.rewards),
             "reward/timeouts": distributed.all_reduce_sum(scored.timeouts, d.device),
@@ -237,12 +265,16 @@ def run(cfg: Config) -> int:
         evaluator(step + 1, engine, logger)  # the eval rank only; the others wait at the next collective
         if (warning := watch.update(rollout.rewards.tolist())) is not None:
             logger.print(f"warning: {warning}")
+        over_budget = distributed.all_reduce_sum(scored.over_budget, d.device)  # on every rank: a collective
+        if warning := timeout_warning(step + 1, int(metrics["reward/timeouts"]), int(over_budget), len(rollout.rewards),
+                                      g.reward_timeout_warn_share, g.reward_timeout_s, g.reward_step_budget_s):
+            logger.print(f"warning: {warning}")
 
         # 8. checkpoints: every N steps, at the end, and on SIGTERM
         every = cfg.checkpoint.every_steps
         if distributed.any_rank(preempt.requested, d.device):
-            ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
-            logger.print(f"SIGTERM: saved checkpoint at step {step + 1}; exiting (resume with checkpoint.resume=auto)")
+            saved = ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
+            logger.print(preempt.saved(step + 1, saved, run_dir, d.rank))
             break
         if (step + 1 == t.max_steps and cfg.checkpoint.save_final) or (every and (step + 1) % every == 0):
             ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
@@ -250,8 +282,4 @@ def run(cfg: Config) -> int:
     else:
         if cfg.checkpoint.export_hf:
             logger.print(f"exported Hugging Face model to {export_hf(policy, hf_conf, tokenizer, f'{run_dir}/hf', cfg.hardware.param_dtype)}")
-    scorer.close()
-    engine.close()  # before the process group goes: vLLM's teardown touches it
-    preempt.restore()
-    logger.close()
     return 0

@@ -18,7 +18,7 @@ import torch
 
 from grpo_fsdp import distributed
 from grpo_fsdp.algorithms.sft import sft_loss
-from grpo_fsdp.checkpoint import Checkpointer
+from grpo_fsdp.checkpoint import Checkpointer, resume_key
 from grpo_fsdp.cli import UserError, redacted_yaml
 from grpo_fsdp.config import Config
 from grpo_fsdp.data.batching import global_batch_indices, split_for_rank
@@ -31,12 +31,19 @@ from grpo_fsdp.models import build_policy, load_tokenizer
 from grpo_fsdp.optim import build_optimizer
 from grpo_fsdp.plan import BatchPlan
 from grpo_fsdp.preemption import Preemption
+from grpo_fsdp.recipes.teardown import Teardown
 from grpo_fsdp.schedule import build_scheduler
 
 
 def run(cfg: Config) -> int:
-    d = distributed.init(cfg.hardware.device)
-    run_dir = distributed.agree_run_dir(cfg.run_dir, f"sft-{cfg.model.name}-{cfg.data.name}")
+    with Teardown() as td:  # one ExitStack, released in a fixed order: logger, then process group
+        return _run(cfg, td)
+
+
+def _run(cfg: Config, td: Teardown) -> int:
+    d = distributed.init(cfg.hardware.device, cfg.hardware.collective_timeout_s)
+    td.add("process_group", distributed.shutdown)
+    run_dir = distributed.agree_run_dir(cfg.run_dir, f"sft-{cfg.model.name}-{cfg.data.name}", resume_key(cfg))
     t = cfg.train
 
     # 1. data: tokenized once on every rank (cheap next to training; avoids shipping tensors)
@@ -57,18 +64,17 @@ def run(cfg: Config) -> int:
 
     # 3. resume
     ckpt = Checkpointer(f"{run_dir}/checkpoints", cfg.checkpoint.keep_last)
-    start = 0
-    source = ckpt.latest() if cfg.checkpoint.resume == "auto" else (None if cfg.checkpoint.resume == "none" else cfg.checkpoint.resume)
-    if source is not None:
-        start = ckpt.load(source, policy, optimizer, scheduler).step
+    start, resumed = ckpt.resume(cfg.checkpoint.resume, policy, optimizer, scheduler)  # "resumed at step N from ..."
     torch.manual_seed(t.seed + 1000 * d.rank + start)
 
     plan = BatchPlan.from_config(cfg, d.world_size)
     logger = make_logger(d.rank, run_dir=run_dir, cfg=cfg.logging, config_yaml=redacted_yaml(cfg), total_steps=t.max_steps,
                          run_name=run_dir.rstrip("/").split("/")[-1], world_size=d.world_size, start_step=start, device=d.device)
+    td.add("logger", logger)
     logger.print(plan.format_table())
-    logger.print(f"run dir: {run_dir}" + (f" (resumed at step {start} from {source})" if source else ""))
+    logger.print(f"run dir: {run_dir}\n{resumed}")
     preempt = Preemption()
+    td.callback(preempt.restore)
 
     # 4. train
     began, losses = time.perf_counter(), []
@@ -111,9 +117,8 @@ def run(cfg: Config) -> int:
         done = step + 1 == t.max_steps
         every = cfg.checkpoint.every_steps
         if distributed.any_rank(preempt.requested, d.device):
-            ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
-            logger.print(f"SIGTERM: saved checkpoint at step {step + 1}; exiting (resume with checkpoint.resume=auto)")
-            logger.close()
+            saved = ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
+            logger.print(preempt.saved(step + 1, saved, run_dir, d.rank))
             return 0
         if (done and cfg.checkpoint.save_final) or (every and (step + 1) % every == 0):
             ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
@@ -127,6 +132,4 @@ def run(cfg: Config) -> int:
     if cfg.checkpoint.export_hf:
         out = export_hf(policy, hf_conf, tokenizer, f"{run_dir}/hf", cfg.hardware.param_dtype)
         logger.print(f"exported Hugging Face model to {out}")
-    preempt.restore()
-    logger.close()
     return 0

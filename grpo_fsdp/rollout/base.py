@@ -119,15 +119,39 @@ class GenerationStats:
         return {**{prefix + k: v for k, v in asdict(self).items()}, prefix + "tokens_per_s": self.tokens_per_s}
 
 
+def fits_context(prompt_len: int, max_new_tokens: int, max_model_len: int | None) -> bool:
+    """Whether a prompt of `prompt_len` tokens plus `max_new_tokens` generated ones fit the engine's
+    context (`RolloutEngine.max_model_len`; None: no known limit).
+
+    Callers skip the prompts that do not fit and count them (the evaluator: `eval/<task>/skipped_too_long`),
+    so every generated completion had its whole budget: vLLM would cut such a completion at the
+    context's end, and past `max_position_embeddings` a transformers model runs on positions it never
+    saw in training.
+    """
+    return max_model_len is None or prompt_len + max_new_tokens <= max_model_len
+
+
+def check_prompt_lengths(engine: str, prompts: list[list[int]], max_model_len: int | None) -> None:
+    """Refuse, as vLLM does, a prompt that leaves no room for one new token (ValueError naming it)."""
+    if max_model_len is None:
+        return
+    for i, p in enumerate(prompts):
+        if len(p) >= max_model_len:
+            raise ValueError(f"{engine}.generate: prompt {i} has {len(p)} tokens, which leaves no room for a new token "
+                             f"in the model's {max_model_len}-token context; skip it (rollout.base.fits_context)")
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """What the training loop needs from a generator. It never touches anything else of an engine.
 
-    `last_stats` is the one attribute besides the four calls: throughput of the latest generate,
-    for the `rollout/` metrics.
+    Two attributes besides the calls: `last_stats`, throughput of the latest generate, for the
+    `rollout/` metrics; `max_model_len`, the longest prompt + completion the engine serves, in tokens
+    (None: no limit known), for `fits_context`. A prompt with no room for a single new token is refused.
     """
 
     last_stats: GenerationStats
+    max_model_len: int | None
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, keys: list[int] | None = None) -> list[Completion]:
         """Complete every prompt (a list of token ids) `sampling.n` times.
@@ -176,4 +200,4 @@ class RolloutEngine(Protocol):
         ...
 
 
-__all__ = ["Completion", "FinishReason", "GenerationStats", "RolloutEngine", "SamplingConfig"]
+__all__ = ["Completion", "FinishReason", "GenerationStats", "RolloutEngine", "SamplingConfig", "check_prompt_lengths", "fits_context"]

@@ -36,7 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, StaticCache
 
 from grpo_fsdp.attention import with_our_attention
-from grpo_fsdp.rollout.base import Completion, GenerationStats, SamplingConfig
+from grpo_fsdp.rollout.base import Completion, GenerationStats, SamplingConfig, check_prompt_lengths
 from grpo_fsdp.rollout.kv_cache import preallocated_cache
 from grpo_fsdp.rollout.noise import exponential_noise, stream_ids
 
@@ -119,6 +119,7 @@ class HFEngine:
         if compile and not static_cache:
             raise ValueError("HFEngine: compile=True needs static_cache=True (a growing cache recompiles every step)")
         self.config = config
+        self.max_model_len: int | None = getattr(config, "max_position_embeddings", None)  # positions it was built for
         self.device = torch.device(device)
         self.dtype = dtype
         self.eos_token_ids = eos
@@ -234,6 +235,7 @@ class HFEngine:
         for i, p in enumerate(prompts):
             if not p or min(p) < 0 or max(p) >= vocab:
                 raise ValueError(f"HFEngine.generate: prompt {i} is empty or has token ids outside [0, {vocab})")
+        check_prompt_lengths("HFEngine", prompts, self.max_model_len)
         start = time.perf_counter()
         stats = GenerationStats(calls=1)
         keys = list(range(len(prompts))) if keys is None else list(keys)

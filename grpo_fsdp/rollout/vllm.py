@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from grpo_fsdp.rollout.base import Completion, GenerationStats, SamplingConfig
+from grpo_fsdp.rollout.base import Completion, GenerationStats, SamplingConfig, check_prompt_lengths
 from grpo_fsdp.rollout.probe import WeightSyncError, compare_logprobs, policy_prompt_logprobs
 
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -173,6 +173,7 @@ class VLLMEngine:
         torch.set_rng_state(rng[1])
         hf_conf = self.llm.llm_engine.model_config.hf_config
         self.vocab_size = hf_conf.vocab_size
+        self.max_model_len: int | None = self.llm.llm_engine.model_config.max_model_len
         self.tied = bool(getattr(hf_conf, "tie_word_embeddings", False))
         self.exact_truncated_logprobs = all(self.llm.collective_rpc(_install_untruncated_logprobs))
         self._asleep = 0
@@ -194,6 +195,7 @@ class VLLMEngine:
             if not p or min(p) < 0 or max(p) >= self.vocab_size:
                 raise ValueError(f"VLLMEngine.generate: prompt {i} is empty or has token ids outside "
                                  f"[0, {self.vocab_size})")
+        check_prompt_lengths("VLLMEngine", prompts, self.max_model_len)  # ours, not vLLM's VLLMValidationError
         truncated = sampling.top_k > 0 or sampling.top_p < 1.0
         if truncated and not sampling.greedy and not self.exact_truncated_logprobs:
             raise RuntimeError("VLLMEngine.generate: this vLLM model runner reports only truncated log-probs under "
