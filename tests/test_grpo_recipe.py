@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from grpo_fsdp.tokenizer import build_tiny_tokenizer
 
 KEYS = {"train/loss", "train/kl", "train/entropy", "train/clip_frac_low", "train/clip_frac_high", "train/grad_norm",
-        "reward/mean", "reward/std", "reward/min", "reward/max", "reward/correct_rate", "reward/timeouts",
+        "reward/mean", "reward/std", "reward/min", "reward/max", "reward/correct_rate", "reward/timeouts", "reward/over_budget",
+        "train/skipped_updates",
         "reward/parse_failures", "train/advantage_mean", "train/advantage_std", "rollout/completion_length_mean",
         "rollout/completion_length_max", "rollout/truncation_rate", "perf/generation_tokens_per_s",
         "perf/training_tokens_per_s", "perf/generate_seconds", "perf/score_seconds", "perf/logprobs_seconds",

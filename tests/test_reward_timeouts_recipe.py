@@ -36,6 +36,7 @@ def test_timeouts_past_the_share_warn_on_the_console_and_the_budget_bounds_the_s
                      env={"GRPO_FSDP_FAULT": "reward_grade::stop"})
     rows = read_metrics(run_dir)
     assert [r["reward/timeouts"] for r in rows] == [4.0, 4.0]
+    assert all(1 <= r["reward/over_budget"] <= 4 for r in rows), [r["reward/over_budget"] for r in rows]
     assert [r["reward/mean"] for r in rows] == [0.0, 0.0]
     assert all(1.5 <= r["perf/score_seconds"] < 1.5 + 2.0 for r in rows), [r["perf/score_seconds"] for r in rows]
     warnings = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "grading timed out" in line]

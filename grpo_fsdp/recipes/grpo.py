@@ -252,6 +252,7 @@ def _run(cfg: Config, td: Teardown) -> int:
             **_stats("reward/", rollout.rewards),
             "reward/correct_rate": distributed.all_reduce_sum(sum(scored.correct), d.device) / len(rollout.rewards),
             "reward/timeouts": distributed.all_reduce_sum(scored.timeouts, d.device),
+            "reward/over_budget": distributed.all_reduce_sum(scored.over_budget, d.device),
             "reward/parse_failures": distributed.all_reduce_sum(scored.parse_failures, d.device),
             **_stats("train/advantage_", adv),
             "rollout/completion_length_mean": lengths.mean().item(), "rollout/completion_length_max": lengths.max().item(),
@@ -265,9 +266,9 @@ def _run(cfg: Config, td: Teardown) -> int:
         evaluator(step + 1, engine, logger)  # the eval rank only; the others wait at the next collective
         if (warning := watch.update(rollout.rewards.tolist())) is not None:
             logger.print(f"warning: {warning}")
-        over_budget = distributed.all_reduce_sum(scored.over_budget, d.device)  # on every rank: a collective
-        if warning := timeout_warning(step + 1, int(metrics["reward/timeouts"]), int(over_budget), len(rollout.rewards),
-                                      g.reward_timeout_warn_share, g.reward_timeout_s, g.reward_step_budget_s):
+        if warning := timeout_warning(step + 1, int(metrics["reward/timeouts"]), int(metrics["reward/over_budget"]),
+                                      len(rollout.rewards), g.reward_timeout_warn_share, g.reward_timeout_s,
+                                      g.reward_step_budget_s):
             logger.print(f"warning: {warning}")
 
         # 8. checkpoints: every N steps, at the end, and on SIGTERM
