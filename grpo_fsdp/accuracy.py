@@ -7,7 +7,7 @@ evaluator reports more (format rate, per level/subject, pass@k) for callers that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpo_fsdp.data.records import Example
@@ -20,6 +20,7 @@ class Accuracy:
     correct: int
     total: int
     mean_length: float
+    per_problem: list[bool] = field(default_factory=list)  # correctness of each example, in order (for paired comparisons)
 
     @property
     def rate(self) -> float:
@@ -37,4 +38,4 @@ def held_out_accuracy(model_dir: str | Path, examples: list[Example], template: 
     with RewardScorer(num_workers=1) as scorer:
         result = evaluate(engine, tokenizer, examples, template=template, instruction=instruction,
                           max_new_tokens=max_new_tokens, scorer=scorer, batch_size=batch_size)
-    return Accuracy(result.correct, result.num_problems, result.mean_length)
+    return Accuracy(result.correct, result.num_problems, result.mean_length, [row["correct"] for row in result.samples])

@@ -1,16 +1,21 @@
 """`make demo`: the main job on the embedded default, on a laptop CPU: SFT, then GRPO.
 
-    python -m grpo_fsdp.demo [overrides for both stages...]
+    python -m grpo_fsdp.demo [--out=DIR] [overrides for both stages...] [sft:<override>] [grpo:<override>]
 
 1. SFT: a tiny Qwen2-architecture model, built from scratch, learns synthetic arithmetic from
    worked solutions (`outputs/demo/sft`).
 2. GRPO from that checkpoint, rewarded by math-verify on the final `\\boxed{}` answer
    (`outputs/demo/grpo`).
-3. Greedy accuracy of both on the same held-out problems, a before/after table, and
-   `outputs/demo/summary.json` (`sft_accuracy`, `grpo_accuracy`, `seconds`, ...).
+3. Greedy accuracy of both on the same held-out problems (the whole test split, 500 problems), a
+   before/after table, and `outputs/demo/summary.json`: `sft_accuracy`, `grpo_accuracy`,
+   `gain_points` (100 x the difference), `gain_ci95` (the paired bootstrap's 95% interval for the
+   gain, in points, `bootstrap.py`), `held_out_problems`, mean lengths, `seed`, and seconds per
+   stage and in all.
 
-Each stage resumes if interrupted (`checkpoint.resume=auto`). Extra arguments are Hydra overrides
-applied to both stages, e.g. `make demo ARGS="data.arithmetic.max_operand=9"`.
+Each stage resumes if interrupted (`checkpoint.resume=auto`): delete the output directory (or pass
+another `--out=DIR`) for a fresh run. Extra arguments are Hydra overrides applied to both stages,
+e.g. `make demo ARGS="train.seed=1"`; prefix one with `sft:` or `grpo:` for that stage only, e.g.
+`make demo ARGS="grpo:train.max_steps=100"`. `benchmarks/demo_seeds.py` runs it for several seeds.
 """
 
 from __future__ import annotations
@@ -20,15 +25,19 @@ import sys
 import time
 from pathlib import Path
 
-from grpo_fsdp.cli import compose, run_main
+from grpo_fsdp.cli import UserError, compose, run_main
 from grpo_fsdp.train import main
 
 OUT = Path("outputs/demo")
 # The task: sums of 2-3 digits. No instruction after the question: the byte-level tiny model learns
 # to copy the operands much sooner when they sit right before the answer (measured: 33% vs 10%
-# greedy accuracy after the same SFT budget).
-TASK = ["data.arithmetic.max_operand=9", "data.arithmetic.ops=[+]", "data.arithmetic.num_train=900",
-        "data.arithmetic.num_test=200", "data.instruction=''"]
+# greedy accuracy after the same SFT budget). 500 held-out problems: SFT and GRPO disagreed on 16-39%
+# of problems in our runs, which puts the 95% interval of the gain at about +-3.5 to +-5 points (+-5.5
+# to +-7.5 with the former 200); the 1,100 distinct problems this task allows leave 600 for training.
+# The two splits need the same mix of 2- and 3-operand problems (data/arithmetic.py draws uniformly over
+# the problem space; drawing half of each made the test split 40% 2-operand and the train split 2%).
+TASK = ["data.arithmetic.max_operand=9", "data.arithmetic.ops=[+]", "data.arithmetic.num_train=600",
+        "data.arithmetic.num_test=500", "data.instruction=''"]
 SFT = ["algo=sft", "train.max_steps=600", "train.global_batch_size=32", "train.micro_batch_size=16"]
 # GRPO moves a tiny model fast: a constant 5e-5 (60x below SFT's peak) raised held-out accuracy in
 # our sweeps, 2e-4 and above lowered it.
@@ -37,7 +46,6 @@ SFT = ["algo=sft", "train.max_steps=600", "train.global_batch_size=32", "train.m
 GRPO = ["algo=grpo", "rollout.engine=hf", "train.max_steps=50", "algo.prompts_per_step=16", "algo.group_size=8", "algo.max_new_tokens=64",
         "train.global_batch_size=128", "train.micro_batch_size=32", "optim.lr=5e-5", "optim.warmup_steps=2",
         "optim.schedule=constant", "algo.reward_workers=1"]
-HELD_OUT = 200
 
 
 def _table(rows: list[tuple[str, float, int]]) -> str:
@@ -46,36 +54,64 @@ def _table(rows: list[tuple[str, float, int]]) -> str:
     return "\n".join(lines)
 
 
+def split_args(args: list[str]) -> tuple[Path, list[str], list[str], list[str]]:
+    """(output dir, overrides for both stages, SFT-only, GRPO-only) from the command line."""
+    out, both, sft, grpo = OUT, [], [], []
+    for arg in args:
+        if arg.startswith("--out="):
+            out = Path(arg.removeprefix("--out="))
+        elif arg.startswith("sft:"):
+            sft.append(arg.removeprefix("sft:"))
+        elif arg.startswith("grpo:"):
+            grpo.append(arg.removeprefix("grpo:"))
+        elif arg.startswith("-"):
+            raise UserError(f"demo: unknown option {arg!r}; the demo takes --out=DIR, then Hydra overrides (sft:/grpo: for one stage)")
+        else:
+            both.append(arg)
+    return out, both, sft, grpo
+
+
 def demo(args: list[str]) -> int:
     from grpo_fsdp.accuracy import held_out_accuracy
+    from grpo_fsdp.bootstrap import paired_bootstrap_ci
     from grpo_fsdp.data.loading import load_examples
 
+    out, both, sft_only, grpo_only = split_args(args)
     began = time.perf_counter()
-    sft_dir, grpo_dir = OUT / "sft", OUT / "grpo"
-    code = main([*TASK, *SFT, f"run_dir={sft_dir}", "checkpoint.resume=auto", *args])
+    sft_dir, grpo_dir = out / "sft", out / "grpo"
+    code = main([*TASK, *SFT, f"run_dir={sft_dir}", "checkpoint.resume=auto", *both, *sft_only])
     if code:
         return code
-    code = main([*TASK, *GRPO, f"model.path={sft_dir / 'hf'}", f"run_dir={grpo_dir}", "checkpoint.resume=auto", *args])
+    sft_done = time.perf_counter()
+    code = main([*TASK, *GRPO, f"model.path={sft_dir / 'hf'}", f"run_dir={grpo_dir}", "checkpoint.resume=auto", *both, *grpo_only])
     if code:
         return code
+    grpo_done = time.perf_counter()
 
-    cfg = compose([*TASK, *args])
-    held_out = load_examples(cfg.data, cfg.data.test_split)[:HELD_OUT]
+    cfg = compose([*TASK, *both])
+    held_out = load_examples(cfg.data, cfg.data.test_split)  # the whole test split (data.arithmetic.num_test)
     sft_acc = held_out_accuracy(sft_dir / "hf", held_out, cfg.model.template, instruction=cfg.data.instruction)
     grpo_acc = held_out_accuracy(grpo_dir / "hf", held_out, cfg.model.template, instruction=cfg.data.instruction)
-    seconds = time.perf_counter() - began
+    lo, hi = paired_bootstrap_ci(sft_acc.per_problem, grpo_acc.per_problem)
+    done = time.perf_counter()
     summary = {
+        "seed": cfg.train.seed,
         "sft_accuracy": sft_acc.rate,
         "grpo_accuracy": grpo_acc.rate,
         "gain_points": 100 * (grpo_acc.rate - sft_acc.rate),
+        "gain_ci95": [lo, hi],  # paired bootstrap over the held-out problems, points (bootstrap.py)
         "held_out_problems": len(held_out),
         "sft_mean_length": sft_acc.mean_length,
         "grpo_mean_length": grpo_acc.mean_length,
-        "seconds": seconds,
+        "sft_seconds": sft_done - began,
+        "grpo_seconds": grpo_done - sft_done,
+        "eval_seconds": done - grpo_done,
+        "seconds": done - began,
     }
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(_table([("SFT", sft_acc.rate, len(held_out)), ("GRPO", grpo_acc.rate, len(held_out))]))
-    print(f"GRPO {summary['gain_points']:+.1f} points over SFT in {seconds:.0f} s; summary in {OUT / 'summary.json'}")
+    print(f"GRPO {summary['gain_points']:+.1f} points over SFT (95% interval {lo:+.1f} to {hi:+.1f}) in {summary['seconds']:.0f} s; "
+          f"summary in {out / 'summary.json'}")
     return 0
 
 

@@ -298,3 +298,14 @@ def test_real_math_train(capsys):
     assert len(examples) == 7498 and "skipped 2 of 7500 rows of math/train" in err
     assert all(e.answer and e.meta["subject"] for e in examples)
     assert {e.meta["level"] for e in examples} == {1, 2, 3, 4, 5, None}
+
+
+def test_both_arithmetic_splits_share_the_mix_of_two_and_three_operands():
+    from grpo_fsdp.config import ArithmeticConfig
+    from grpo_fsdp.data.arithmetic import make_arithmetic
+
+    cfg = ArithmeticConfig(num_train=600, num_test=500, max_operand=9, ops=["+"])
+    # 100 two-operand sums of 0-9 out of 1,100 questions: ~9% of each split (a 50/50 draw gave test 20%, train 0%)
+    share = {split: sum(e.meta["expression"].count("+") == 1 for e in make_arithmetic(cfg, split)) / n
+             for split, n in (("train", 600), ("test", 500))}
+    assert abs(share["train"] - share["test"]) < 0.05 and 0.04 < share["test"] < 0.15, share
