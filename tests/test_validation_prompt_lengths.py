@@ -38,7 +38,7 @@ GRPO = [*SMALL, "algo=grpo", "rollout.engine=hf", "data.arithmetic.num_train=64"
 
 
 def test_grpo_with_every_prompt_too_long_names_max_prompt_length(tmp_path):
-    # arithmetic prompts with the default instruction are 104-111 bytes long
+    # arithmetic prompts with the default instruction are 105-111 bytes long (34 of these 64 are over 109)
     proc = run_train([*GRPO, "data.max_prompt_length=50", f"run_dir={tmp_path}"], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -48,7 +48,7 @@ def test_grpo_with_every_prompt_too_long_names_max_prompt_length(tmp_path):
 
 
 def test_grpo_counts_the_prompts_it_skips_and_goes_on(tmp_path):
-    proc = run_train([*GRPO, "data.max_prompt_length=107", "checkpoint.save_final=false", f"run_dir={tmp_path}"])
+    proc = run_train([*GRPO, "data.max_prompt_length=109", "checkpoint.save_final=false", f"run_dir={tmp_path}"])
     skipped = [line for line in proc.stderr.splitlines() if line.startswith("data: skipped")]
-    assert skipped == ["data: skipped 35 of 64 prompts: 35 longer than data.max_prompt_length=107 tokens (longest 111)"]
+    assert skipped == ["data: skipped 34 of 64 prompts: 34 longer than data.max_prompt_length=109 tokens (longest 111)"]
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
