@@ -5,6 +5,8 @@ mask function) and returns the name to put in a model config. A call goes to:
 
     shared_prefix.shared_prefix_attention   when the forward passes `shared_prefix=` (GRPO training:
                                             each prompt once, its completions attending to it)
+    flex_prefix.flex_prefix_attention       ... and `flex_mask=` too (hardware.grpo_attention=flex)
+    varlen.varlen_attention                 when it passes `varlen=` (fa2_varlen: padding-free rows)
     SDPA with enable_gqa                    base "sdpa", on CPU, grouped-query heads and a mask:
                                             transformers repeats the key/value heads first
                                             (`repeat_kv`, a copy per layer per step) because CUDA's
@@ -21,11 +23,13 @@ blocks, their lengths) differs from one micro-batch to the next, and traced it m
 the block for nearly every micro-batch until `torch._dynamo.config.recompile_limit` (8) was hit, after
 which the blocks ran uncompiled for the rest of the run (measured: 4 micro-batches, issue 11 item 22).
 Eager, it is a handful of SDPA calls; the projections, rotary, norms and MLP around it stay compiled.
+The FlexAttention and FA2 varlen paths are graph breaks for the same reason (Flex compiles its own kernel).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +41,23 @@ from grpo_fsdp.shared_prefix import SharedPrefix, shared_prefix_attention
 
 PREFIX = "grpo_fsdp+"
 _shared_prefix_eager = torch.compiler.disable(shared_prefix_attention)  # see the module docstring
+
+
+@functools.cache
+def _eager(kind: str):  # imported on first use: the SDPA path never loads FlexAttention
+    if kind == "flex":
+        from grpo_fsdp.flex_prefix import flex_prefix_attention as fn
+    else:
+        from grpo_fsdp.varlen import varlen_attention as fn
+    return torch.compiler.disable(fn)
+
+
+def _flex_eager(*args, **kwargs):
+    return _eager("flex")(*args, **kwargs)
+
+
+def _varlen_eager(*args, **kwargs):
+    return _eager("varlen")(*args, **kwargs)
 
 
 def _cpu_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None):
@@ -62,7 +83,11 @@ def attention_name(base: str | None) -> str | None:
     base_fn = ALL_ATTENTION_FUNCTIONS[base]
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                  shared_prefix: SharedPrefix | None = None, **kwargs):
+                  shared_prefix: SharedPrefix | None = None, flex_mask=None, varlen=None, **kwargs):
+        if varlen is not None:
+            return _varlen_eager(module, query, key, value, varlen, dropout, scaling, sliding_window, **kwargs)
+        if shared_prefix is not None and flex_mask is not None:
+            return _flex_eager(module, query, key, value, flex_mask, shared_prefix, dropout, scaling, sliding_window, **kwargs)
         if shared_prefix is not None:
             return _shared_prefix_eager(module, query, key, value, shared_prefix, dropout, scaling, sliding_window, **kwargs)
         plain = all(kwargs.get(k) is None for k in ("position_bias", "cache")) and not kwargs.get("output_attentions")

@@ -30,6 +30,10 @@ torchrun rendezvous id given with --rdzv_id, else a hash of the composed config 
 that do not change the run (`run_dir`, `dry_run`, `checkpoint.*`, `logging.*`). Without `auto` each
 launch gets a new timestamped directory, so running a command twice never overwrites a finished run.
 
+Beside the step directories: `best/` (the step whose `checkpoint.best_metric` was best, never pruned,
+never chosen by `resume=auto`) and `latest.json` (step and path of the newest complete save, written
+atomically after it completes); see best_checkpoint.py.
+
 Nothing is unpickled from the files: DCP's `.metadata` is a pickle, so it is read with an
 unpickler that only admits DCP's own metadata classes; tensors come from safetensors or
 `torch.load(weights_only=True)` inside DCP; our own state is JSON.
@@ -45,6 +49,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +61,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from grpo_fsdp import distributed
+from grpo_fsdp.best_checkpoint import best_info, better, publish_best, write_latest
 from grpo_fsdp.cli import UserError
 from grpo_fsdp.faults import maybe_fault
 
@@ -107,8 +113,38 @@ class TrainerState:
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path, keep_last: int):
+    def __init__(self, root: str | Path, keep_last: int, best_metric: str = "", best_mode: str = "max"):
         self.root, self.keep_last = Path(root), keep_last
+        self.best_metric, self.best_mode = best_metric, best_mode
+        self._best: float | None = None  # rank 0's best value so far (read from best/BEST.json at the first eval)
+        self._best_read, self._warned = False, False
+        self._pending: tuple[int, float] | None = None  # (step, value) of an improvement not yet saved as best
+
+    def observe(self, step: int, metrics: dict[str, float], scheduled: bool) -> bool:
+        """Note this step's evaluation; True on every rank when `best_metric` improved, so the caller saves
+        this step (which then becomes `best/`). Call it on every rank at every step: `metrics` is the eval
+        rank's eval metrics ({} elsewhere), `scheduled` whether an evaluation was due at this step (the same on
+        every rank). A collective only on scheduled steps, where the other ranks wait for the eval rank anyway."""
+        if not self.best_metric or not scheduled:
+            return False
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, metrics.get(self.best_metric))
+        value = next((float(v) for v in values if v is not None), None)
+        improved = None
+        if dist.get_rank() == 0:
+            if not self._best_read:  # a resumed run competes with the best of its earlier part
+                info = best_info(self.root) or {}
+                same = info.get("metric") == self.best_metric and info.get("mode") == self.best_mode
+                self._best, self._best_read = (float(info["value"]) if same else None), True
+            improved = value is not None and better(value, self._best, self.best_mode)
+            if value is None and not self._warned:  # e.g. a typo in the metric's name: say so once, train on
+                self._warned = True
+                print(f"warning: checkpoint.best_metric={self.best_metric} is not among the metrics of the evaluation at "
+                      f"step {step}; no best/ checkpoint is kept (names: eval/<task>/accuracy, .../pass@<k>, ...)",
+                      file=sys.stderr, flush=True)
+        if improved := distributed.broadcast_object(improved):
+            self._pending = (step, value)
+        return improved
 
     def complete(self) -> list[Path]:
         """Complete checkpoints under the root, oldest first (verified or not)."""
@@ -143,7 +179,14 @@ class Checkpointer:
             if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
                 shutil.rmtree(final)
             os.replace(partial, final)
+            maybe_fault("before_latest_pointer", step)
+            write_latest(self.root, step, final)  # only now: the pointer never names an unfinished save
             self._prune()
+            if self._pending is not None and self._pending[0] == step:
+                publish_best(self.root, final, {"metric": self.best_metric, "mode": self.best_mode,
+                                                "value": self._pending[1], "step": step})
+                self._best = self._pending[1]
+        self._pending = None
         dist.barrier()
         return final
 

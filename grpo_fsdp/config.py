@@ -49,6 +49,8 @@ class HardwareConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder block
     attn_implementation: str = "sdpa"  # flash_attention_2 | sdpa | eager
+    # GRPO training micro-batches (the shared-prefix layout): auto | sdpa | flex | fa2_varlen (grpo_attention.py)
+    grpo_attention: str = "auto"
     load_in_4bit: bool = False  # NF4 base weights under LoRA; not built yet (issue 14), like lora.enabled
     lora: LoraConfig = field(default_factory=LoraConfig)
     vllm_memory_share: float = 0.3  # colocated vLLM's gpu_memory_utilization (weights + KV cache), the rest is the trainer's
@@ -120,6 +122,12 @@ class DataConfig:
     max_prompt_length: int = 128  # tokens; longer prompts are dropped and counted
     max_length: int = 192  # prompt + completion tokens; SFT targets are truncated to fit
     instruction: str = INSTRUCTION  # appended to every question (training, rollouts, evaluation); "" for none
+    # GRPO prompt order. none: shuffled epochs. sent: low -> high semantic entropy (arXiv 2512.04359) from
+    # curriculum_file (python -m grpo_fsdp.curriculum writes it), in curriculum_stages stages, shuffled within each
+    curriculum: str = "none"  # none | sent
+    curriculum_file: str = ""
+    curriculum_stages: int = 4
+    curriculum_drop_solved: bool = False  # leave out prompts whose samples all agree (H = 0: no GRPO signal)
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
 
@@ -149,7 +157,11 @@ class GRPOConfig:
     top_k: int = 0
     max_new_tokens: int = 128
     ignore_eos: bool = False  # benchmarks: never stop at EOS, every completion max_new_tokens long (forced lengths)
-    loss: str = "dapo"  # dapo (token mean over the step) | grpo | dr_grpo | bnpo
+    loss: str = "dapo"  # dapo (token mean over the step) | grpo | dr_grpo | bnpo | cispo (clipped IS weight, algorithms/surrogates.py)
+    importance_level: str = "token"  # token (PPO ratio) | sequence (GSPO: length-normalised sequence ratio)
+    rollout_correction: str = "tis"  # none | tis | mis: engine vs trainer log-prob mismatch (algorithms/rollout_correction.py)
+    rollout_correction_cap: float = 2.0  # C: TIS caps the ratio at C, MIS drops tokens outside [1/C, C]
+    rollout_correction_level: str = "token"  # token | sequence (one geometric-mean ratio per completion)
     advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28  # clip-higher (DAPO); set 0.2 for the symmetric PPO clip
@@ -231,6 +243,10 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str = "none"  # none | auto | <path to a checkpoint directory>
     export_hf: bool = True  # write <run_dir>/hf (safetensors) at the end
+    # keep a `best/` checkpoint beside the last N (never pruned, never picked by resume=auto): an eval metric
+    # such as eval/gsm8k/accuracy (GRPO; a task of eval.tasks) and whether higher (max) or lower (min) is better
+    best_metric: str = ""
+    best_mode: str = "max"  # max | min
 
 
 @dataclass

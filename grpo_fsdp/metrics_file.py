@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-NAMESPACES = ("train/", "rollout/", "reward/", "eval/", "perf/", "system/")
+NAMESPACES = ("train/", "rollout/", "reward/", "eval/", "perf/", "system/", "curriculum/")
 
 
 def check_key(key: object) -> None:

@@ -125,7 +125,7 @@ def build_policy(cfg: ModelConfig, hw: HardwareConfig, tokenizer, dist_info, see
     attn = attention_backend(hw.attn_implementation, dist_info.device.type)
     conf = hf_config(cfg, tokenizer, attn)
     full = full_state_dict(cfg, conf, seed) if dist_info.is_main else {}
-    policy = Policy(build_on_meta(with_our_attention(conf), cfg.trust_remote_code), chunk_size)
+    policy = Policy(build_on_meta(with_our_attention(conf), cfg.trust_remote_code), chunk_size, hw.grpo_attention)
     parallelize(policy, hw, dist_info.mesh)
     # with CPU offload the sharded parameters live on the CPU; buffers always on the compute device
     policy.to_empty(device="cpu" if hw.cpu_offload else dist_info.device)
@@ -150,7 +150,8 @@ def build_reference(policy, conf: PretrainedConfig, cfg: ModelConfig, hw: Hardwa
     from grpo_fsdp.parallelize import parallelize
     from grpo_fsdp.policy import Policy
 
-    reference = Policy(build_on_meta(with_our_attention(conf), cfg.trust_remote_code, DTYPES[hw.param_dtype]), chunk_size)
+    reference = Policy(build_on_meta(with_our_attention(conf), cfg.trust_remote_code, DTYPES[hw.param_dtype]), chunk_size,
+                       hw.grpo_attention)
     reference.requires_grad_(False)
     parallelize(reference, hw, dist_info.mesh)
     reference.set_reshard_after_forward(True)

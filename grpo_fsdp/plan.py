@@ -55,6 +55,7 @@ def _grpo_shape(cfg: Config) -> _BatchShape:
     rollout = g.prompts_per_step * g.group_size
     denominators = {"dapo": "completion tokens in the optimizer step, all-reduced",
                     "bnpo": "completion tokens in the optimizer step, all-reduced",
+                    "cispo": "completion tokens in the optimizer step, all-reduced",
                     "grpo": "completions in the optimizer step (each a token mean), all-reduced",
                     "dr_grpo": "completions in the optimizer step x algo.max_new_tokens"}
     return _BatchShape(

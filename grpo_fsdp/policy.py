@@ -8,7 +8,9 @@ that reads `lm_head.weight`, and here that forward computes token log-probs in c
 
 It takes either padded rows (input_ids + attention_mask, target_mask [B, L-1]) or one GRPO micro-
 batch in the shared-prefix layout (`shared_prefix.SharedPrefix`, target_mask [N, C]); the latter
-needs the model built with the `grpo_fsdp+<base>` attention (`attention.attention_name`).
+needs the model built with the `grpo_fsdp+<base>` attention (`attention.attention_name`). Its kernel is
+`grpo_attention` (hardware.grpo_attention: sdpa, flex, fa2_varlen, or auto, chosen per micro-batch by
+`grpo_attention.choose`); fa2_varlen re-lays the micro-batch out padding-free (`varlen.py`) first.
 """
 
 from __future__ import annotations
@@ -18,13 +20,22 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from grpo_fsdp.attention import PREFIX
+from grpo_fsdp.grpo_attention import choose
 from grpo_fsdp.logprobs import chunked_token_logprobs
 from grpo_fsdp.shared_prefix import SharedPrefix, mask_placeholder
+from grpo_fsdp.varlen import varlen_layout
+
+
+def prefix_block_mask(sp: SharedPrefix):
+    from grpo_fsdp.flex_prefix import prefix_block_mask as build  # FlexAttention loads only when used
+
+    return build(sp)
 
 
 class Policy(nn.Module):
-    def __init__(self, hf_model: PreTrainedModel, chunk_size: int):
+    def __init__(self, hf_model: PreTrainedModel, chunk_size: int, grpo_attention: str = "sdpa"):
         super().__init__()
+        self.grpo_attention = grpo_attention  # hardware.grpo_attention: the kernel of shared-prefix batches (grpo_attention.py)
         self.model = hf_model.model  # embed_tokens, layers, norm, rotary_emb
         self.lm_head = hf_model.lm_head
         self.config: PretrainedConfig = hf_model.config
@@ -57,11 +68,19 @@ class Policy(nn.Module):
             if not self.shared_prefix_ok:
                 raise RuntimeError(f"Policy: attention {self.config._attn_implementation!r} does not take the shared-prefix "
                                    "layout; build the policy with attention.attention_name(...) or set algo.shared_prefix=false")
-            sp = shared_prefix
-            hidden = self.model(input_ids=sp.input_ids, position_ids=sp.position_ids, use_cache=False, shared_prefix=sp,
-                                attention_mask=mask_placeholder(sp.input_ids.device)).last_hidden_state[0]  # [T, H]
+            sp, placeholder = shared_prefix, mask_placeholder(shared_prefix.input_ids.device)
+            kernel = choose(self.grpo_attention, sp, sp.input_ids.device.type)
+            if kernel == "fa2_varlen":  # the same completions, padding-free, each behind its own prompt copy
+                row = varlen_layout(sp)
+                ids, positions, predict_at, extra = row.input_ids, row.position_ids, row.predict_at, {"varlen": row}
+            else:
+                ids, positions, predict_at, extra = sp.input_ids, sp.position_ids, sp.predict_at, {"shared_prefix": sp}
+                if kernel == "flex":
+                    extra["flex_mask"] = prefix_block_mask(sp)  # once per micro-batch, shared by every layer
+            hidden = self.model(input_ids=ids, position_ids=positions, use_cache=False, attention_mask=placeholder,
+                                **extra).last_hidden_state[0]  # [T, H]
             sel = target_mask.nonzero(as_tuple=True)  # (completion, token) of each scored token
-            hidden, targets = hidden[sp.predict_at[sel]], sp.targets[sel]  # [M, H], [M]
+            hidden, targets = hidden[predict_at[sel]], sp.targets[sel]  # [M, H], [M]
         else:
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             sel = target_mask.nonzero(as_tuple=True)  # (rows, cols) of predicted positions

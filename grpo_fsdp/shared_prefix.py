@@ -21,9 +21,10 @@ its completions, as it does when the prompt is repeated. The idea is Prefix Grou
 2025, arXiv:2506.05433); this is our own implementation on transformers' attention interface.
 
 `attention.py` registers it with transformers as part of `grpo_fsdp+<base>` (e.g. `grpo_fsdp+sdpa`):
-a call with the `shared_prefix` keyword comes here; one without goes to the base implementation, so
-the same model also runs ordinary padded batches (SFT, the weight-sync probe). Sliding-window and
-soft-capped attention are not handled: such calls raise.
+a call with the `shared_prefix` keyword comes here (with `hardware.grpo_attention=flex` the same layout
+goes through FlexAttention instead, `flex_prefix.py`; `fa2_varlen` re-lays it out padding-free, `varlen.py`);
+one without goes to the base implementation, so the same model also runs ordinary padded batches (SFT,
+the weight-sync probe). Sliding-window and soft-capped attention are not handled: such calls raise.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class SharedPrefix:
     predict_at: torch.Tensor  # [N, Cmax] long: flat position whose hidden state predicts completion token t
     targets: torch.Tensor  # [N, Cmax] long: completion tokens (padding past each end)
     lengths: torch.Tensor  # [N] long: completion lengths
+    prompt_lengths: torch.Tensor  # [R] long: real tokens of each prompt (the rest of its P is padding)
     blocks: list[SuffixBlock]
     runs: int  # R
     prefix_len: int  # P
@@ -161,6 +163,7 @@ def pack(prompts: list[list[int]], completions: list[list[int]], owner: list[int
         predict_at=predict_at,
         targets=targets,
         lengths=clen,
+        prompt_lengths=plen,
         blocks=blocks,
         runs=R,
         prefix_len=P,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from grpo_fsdp.config import ALGO_SCHEMAS, Config, ConfigError, GRPOConfig, OptimConfig
+from grpo_fsdp.grpo_attention import KERNELS, unavailable
 from grpo_fsdp.plan import BatchPlan
 from grpo_fsdp.preflight import check_vllm_memory, check_wandb
 
@@ -49,6 +50,11 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
     _choice("hardware.param_dtype", hw.param_dtype, DTYPES)
     _choice("hardware.reduce_dtype", hw.reduce_dtype, DTYPES)
     _choice("hardware.attn_implementation", hw.attn_implementation, ATTENTION)
+    _choice("hardware.grpo_attention", hw.grpo_attention, KERNELS)
+    kernel_problem = unavailable(hw.grpo_attention, hw.device)
+    if kernel_problem and not cfg.dry_run:
+        raise ConfigError("hardware.grpo_attention", f"{hw.grpo_attention}: {kernel_problem}",
+                          "use hardware.grpo_attention=auto (sdpa on CPU, flex or fa2_varlen on CUDA) or sdpa")
     _positive("hardware.collective_timeout_s", hw.collective_timeout_s)  # seconds a collective waits for a missing rank
     if hw.load_in_4bit and not hw.lora.enabled:
         raise ConfigError("hardware.load_in_4bit", "4-bit base weights cannot be trained directly", "also set hardware.lora.enabled=true")
@@ -124,9 +130,43 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
                           "set checkpoint.keep_last=1 or more")
     if ck.resume not in ("none", "auto") and not os.path.isdir(ck.resume):
         raise ConfigError("checkpoint.resume", f"{ck.resume!r} is not a checkpoint directory", "use none, auto, a step_* directory or a run directory")
+    _validate_best(cfg)
+    _validate_curriculum(cfg)
     if type(cfg.algo).__name__ not in {s.__name__ for s in ALGO_SCHEMAS.values()}:
         raise ConfigError("algo", f"unknown algorithm {cfg.algo!r}", f"choose one of {', '.join(ALGO_SCHEMAS)}")
     check_wandb(cfg)
+
+
+def _validate_best(cfg: Config) -> None:
+    """checkpoint.best_metric names a metric of the periodic evaluation (GRPO's), so it must be eval/<task>/..."""
+    ck = cfg.checkpoint
+    _choice("checkpoint.best_mode", ck.best_mode, ("max", "min"))
+    if not ck.best_metric:
+        return
+    if not isinstance(cfg.algo, GRPOConfig):
+        raise ConfigError("checkpoint.best_metric", "only GRPO evaluates between steps (eval.tasks)",
+                          "drop checkpoint.best_metric for this algorithm")
+    task = ck.best_metric.split("/")[1] if ck.best_metric.count("/") >= 2 and ck.best_metric.startswith("eval/") else ""
+    if task not in cfg.eval.tasks:
+        tasks = cfg.eval.tasks or ["gsm8k"]
+        raise ConfigError("checkpoint.best_metric", f"{ck.best_metric!r} is not an eval/<task>/<metric> of eval.tasks={list(cfg.eval.tasks)}",
+                          f"e.g. checkpoint.best_metric=eval/{tasks[0]}/accuracy with eval.tasks=[{tasks[0]}]")
+
+
+def _validate_curriculum(cfg: Config) -> None:
+    """data.curriculum=sent orders GRPO's prompts from a file the curriculum tool wrote (grpo_fsdp/curriculum/)."""
+    d = cfg.data
+    _choice("data.curriculum", d.curriculum, ("none", "sent"))
+    if d.curriculum == "none":
+        return
+    if not isinstance(cfg.algo, GRPOConfig):
+        raise ConfigError("data.curriculum", "orders GRPO's prompts only", "use data.curriculum=none with this algorithm")
+    if d.curriculum_stages < 1:
+        raise ConfigError("data.curriculum_stages", f"must be >= 1, got {d.curriculum_stages}", "e.g. data.curriculum_stages=4")
+    if not d.curriculum_file or not os.path.isfile(d.curriculum_file):
+        what = "is not set" if not d.curriculum_file else f"{d.curriculum_file!r} is not a file"
+        raise ConfigError("data.curriculum_file", what, "compute one with python -m grpo_fsdp.curriculum model=... data=... "
+                          "samples=8 out=<file>, then pass data.curriculum_file=<file>")
 
 
 def _validate_warmup(cfg: Config, world_size: int) -> None:
@@ -155,8 +195,14 @@ def _validate_grpo(cfg: Config, world_size: int) -> None:
         raise ConfigError("algo.reward_timeout_warn_share", f"{g.reward_timeout_warn_share} is outside [0, 1]",
                           "give a share such as 0.1 (1 never warns)")
     _validate_rollout(cfg, world_size)
-    _choice("algo.loss", g.loss, ("dapo", "grpo", "dr_grpo", "bnpo"))
+    _choice("algo.loss", g.loss, ("dapo", "grpo", "dr_grpo", "bnpo", "cispo"))
     _choice("algo.advantage_scale", g.advantage_scale, ("group", "batch", "none"))
+    _choice("algo.importance_level", g.importance_level, ("token", "sequence"))
+    _choice("algo.rollout_correction", g.rollout_correction, ("none", "tis", "mis"))
+    _choice("algo.rollout_correction_level", g.rollout_correction_level, ("token", "sequence"))
+    if not g.rollout_correction_cap > 1:  # C = 1 would cap every weight at 1 (TIS) or drop every token that differs (MIS)
+        raise ConfigError("algo.rollout_correction_cap", f"{g.rollout_correction_cap} must be > 1 (the ratio band is "
+                          "[1/C, C])", "set algo.rollout_correction_cap=2 (Yao et al.'s value), or algo.rollout_correction=none")
     if g.group_size < 2:
         raise ConfigError("algo.group_size", f"{g.group_size} leaves no group to compare against", "use algo.group_size >= 2")
     if g.prompts_per_step % world_size:

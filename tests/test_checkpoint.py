@@ -63,7 +63,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     # resuming picks step 2, redoes steps 3-4, and the stale partial directory is cleaned up
     run_train([*SMALL, f"run_dir={run_dir}", "train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.resume=auto"])
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
-    assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000004"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step_000002", "step_000004"]
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
@@ -132,4 +132,4 @@ def test_save_final_false_keeps_periodic_checkpoints_only(tmp_path):
     run_train([*SMALL, f"run_dir={run_dir}", "train.max_steps=3", "checkpoint.every_steps=2", "checkpoint.save_final=false",
                "checkpoint.export_hf=false"])
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest.json", "step_000002"]

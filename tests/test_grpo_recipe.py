@@ -17,7 +17,8 @@ KEYS = {"train/loss", "train/kl", "train/entropy", "train/clip_frac_low", "train
         "reward/parse_failures", "train/advantage_mean", "train/advantage_std", "rollout/completion_length_mean",
         "rollout/completion_length_max", "rollout/truncation_rate", "perf/generation_tokens_per_s",
         "perf/training_tokens_per_s", "perf/generate_seconds", "perf/score_seconds", "perf/logprobs_seconds",
-        "perf/train_seconds", "perf/sync_seconds"}
+        "perf/train_seconds", "perf/sync_seconds", "rollout/mismatch_kl", "rollout/mismatch_abs_logp_mean",
+        "rollout/mismatch_abs_logp_max", "rollout/mismatch_outside_cap", "rollout/correction_frac"}
 GRPO = ["algo=grpo", "algo.reward_workers=1", "logging.progress_bar=false", "checkpoint.export_hf=false"]
 # After 80 SFT steps the SMALL model boxes an answer in ~10% of its samples and is rarely right: the
 # format reward (one closed \boxed{} at the end) is the signal GRPO can climb in a few dozen steps.
@@ -37,8 +38,12 @@ def test_grpo_steps_log_every_metric(tmp_path):
         assert 0 <= r["rollout/truncation_rate"] <= 1
         # group-normalised advantages have mean 0 over the rollout
         assert abs(r["train/advantage_mean"]) < 1e-6
+        # the transformers engine (fp32, the trainer's weights) reports the trainer's log-probs to float rounding
+        assert 0 <= r["rollout/mismatch_kl"] < 1e-9 and r["rollout/mismatch_abs_logp_max"] < 1e-4
+        assert r["rollout/mismatch_outside_cap"] == r["rollout/correction_frac"] == 0
 
 
+@pytest.mark.slow  # 40 s; the engine side is test_rollout_hf.py::test_ignore_eos_runs_every_sample_to_max_new_tokens
 def test_ignore_eos_forces_every_completion_to_max_new_tokens(tmp_path, sft_tiny):
     """`algo.ignore_eos` (forced lengths, benchmarks/grpo_step.py). The SFT model's EOS row is made
     twice the row of the digit 1, so it stops early often (checked without the flag); with the flag
@@ -65,25 +70,34 @@ def _close(a, b, rel=1e-5, abs_=1e-7):
     return abs(a - b) <= max(rel * max(abs(a), abs(b)), abs_)
 
 
+# The new objectives of issue 17 in one combined run (each torchrun costs 30-60 s): GSPO's sequence ratio, CISPO,
+# and MIS by sequence; the default run already has token-level TIS (algo.rollout_correction's default).
+NEW_OPTIONS = ["algo.importance_level=sequence", "algo.loss=cispo", "algo.rollout_correction=mis",
+               "algo.rollout_correction_level=sequence"]
+
+
 @pytest.mark.distributed
-def test_world_size_and_micro_batch_do_not_change_the_grpo_step(tmp_path, sft_tiny):
+@pytest.mark.parametrize("options", [[], NEW_OPTIONS], ids=["default", "gspo_cispo_mis"])
+def test_world_size_and_micro_batch_do_not_change_the_grpo_step(tmp_path, sft_tiny, options):
     """Same rollouts, losses and gradient norms for 1 process, 2 processes, and 2 processes with
     another micro-batch size: 2 optimizer steps per rollout, mu = 2 (old log-probs), KL to a
-    reference (beta > 0), the token-mean loss over all-reduced counts."""
+    reference (beta > 0), the token-mean loss over all-reduced counts. With the new options on, 1 process
+    against 2 processes with micro-batch 2 only (both changes at once), to keep the suite short."""
     common = [*SMALL, *TOY, *GRPO, *SHAPED, f"model.path={sft_tiny}", "train.max_steps=3", "algo.prompts_per_step=4",
               "algo.group_size=4", "train.global_batch_size=8", "algo.updates_per_rollout=2", "algo.beta=0.04",
-              "algo.max_new_tokens=40", "optim.lr=2e-4", "optim.warmup_steps=0", "optim.schedule=constant"]
+              "algo.max_new_tokens=40", "optim.lr=2e-4", "optim.warmup_steps=0", "optim.schedule=constant", *options]
     # lr: Adam moves every weight by ~lr per update whatever its gradient, so float-rounding differences
     # (a reduce-scatter sums in another order than local accumulation) grow with it over the 12 updates;
     # at 1e-3 the third step's KL differed by 1.3e-5 relative, at step 1 all keys agree to ~1e-7.
     runs = {}
-    for name, nproc, micro in (("np1_mb4", 1, 4), ("np2_mb4", 2, 4), ("np2_mb2", 2, 2)):
+    configs = (("np1_mb4", 1, 4), ("np2_mb4", 2, 4), ("np2_mb2", 2, 2)) if not options else (("np1_mb4", 1, 4), ("np2_mb2", 2, 2))
+    for name, nproc, micro in configs:
         run_train([*common, f"run_dir={tmp_path / name}", f"train.micro_batch_size={micro}"], nproc=nproc)
         runs[name] = read_metrics(tmp_path / name)
     one = runs["np1_mb4"]
     assert len(one) == 3
     assert max(r["reward/std"] for r in one) > 0  # rewards vary inside groups: the advantages are not all 0
-    for other in (runs["np2_mb4"], runs["np2_mb2"]):
+    for other in (runs[name] for name, _, _ in configs[1:]):
         for a, b in zip(one, other, strict=True):
             for key in ("reward/mean", "rollout/completion_length_mean"):  # the same rollout
                 assert a[key] == b[key], (key, a[key], b[key])

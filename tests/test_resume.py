@@ -118,8 +118,8 @@ def test_auto_falls_back_past_damaged_checkpoints(sft_run, tmp_path):
     assert lines[start:start + 4] == [*expected, f"resumed at step 1 from {_step(run_dir, 1)}"]
     assert _numbers(read_metrics(run_dir)) == _numbers(read_metrics(sft_run))
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert names == ["step_000001", "step_000002", "step_000002.corrupt", "step_000003", "step_000003.corrupt", "step_000004",
-                     "step_000004.corrupt"]
+    assert names == ["latest.json", "step_000001", "step_000002", "step_000002.corrupt", "step_000003", "step_000003.corrupt",
+                     "step_000004", "step_000004.corrupt"]
     assert all(verify(_step(run_dir, n)) is None for n in range(1, STEPS + 1))
 
 
@@ -223,6 +223,7 @@ def test_grpo_kill_and_resume_is_bit_identical_vllm(tmp_path):
 
 # ---- items 8 and 10: launch/train.sh --------------------------------------------------------------
 
+@pytest.mark.slow  # 45 s; the recipe side (save, exit 0, the resume command) is test_checkpoint.py::test_sigterm_saves_and_exits_zero
 def test_train_sh_exits_zero_after_a_sigterm_save_and_prints_the_resume_command(tmp_path):
     """SIGTERM to the launcher (as `docker stop` or a supervisor sends it): every rank saves, and the
     launcher exits 0 although torchrun exits 1; the command it prints resumes. Before: exit 1."""

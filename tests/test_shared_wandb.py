@@ -138,6 +138,8 @@ def test_two_ranks_write_one_offline_run(tmp_path):
         assert line["system/rank0/rss_gib"] > 0 and line["system/rank1/rss_gib"] > 0
 
 
+@pytest.mark.slow  # 40 s; one shared run from two ranks is test_two_ranks_write_one_offline_run, rank-1 eval under GRPO
+# is test_curriculum.py::test_grpo_walks_the_curriculum_and_keeps_best_and_latest
 def test_grpo_run_with_evaluation_writes_one_offline_run(tmp_path):
     """The GRPO recipe itself under torchrun: rank 0's training metrics, rank 1's eval metrics (it
     evaluates at steps 1 and 2) and both ranks' system metrics, under one run id."""

@@ -1,8 +1,10 @@
 """GRPO maths: group advantages, the clipped surrogate, the k3 KL penalty and loss aggregation.
 
-Pure functions of tensors, composed by `grpo_loss`. Shapes: N completions in a micro-batch, T
-completion positions (right-padded), `mask [N, T]` bool marks the scored tokens. Rewards and
-advantages are laid out group-contiguous: completions `b*G .. b*G+G-1` answer prompt b.
+Pure functions of tensors, composed by `grpo_loss`. Its ratio and surrogate variants (GSPO's sequence
+ratio, CISPO) are in surrogates.py; the engine/trainer mismatch correction (TIS, MIS) in
+rollout_correction.py. Shapes: N completions in a micro-batch, T completion positions (right-padded),
+`mask [N, T]` bool marks the scored tokens. Rewards and advantages are laid out group-contiguous:
+completions `b*G .. b*G+G-1` answer prompt b.
 
 Sources:
   GRPO          Shao et al. 2024, "DeepSeekMath" (arXiv 2402.03300), eq. 3 and sec. 4.1.2.
@@ -44,6 +46,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+
+from grpo_fsdp.algorithms.surrogates import RATIOS, SURROGATES, ppo_clip, token_ratio
 
 # ---------------------------------------------------------------- advantages
 
@@ -128,9 +132,8 @@ def clip_regions(
 
     high: ratio > 1 + eps_high with A > 0; low: ratio < 1 - eps_low with A < 0.
     """
-    ratio = torch.exp(logp.detach() - old_logp.detach())  # [N, T]
-    adv = advantages.unsqueeze(-1)  # [N, 1]
-    return (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0)
+    _, low, high = ppo_clip(token_ratio(logp.detach(), old_logp), advantages, eps_low, eps_high)
+    return low, high
 
 
 def clipped_surrogate(
@@ -140,14 +143,11 @@ def clipped_surrogate(
 
     logp, old_logp [N, T], advantages [N] -> (per_token_loss [N, T], clipped_mask [N, T] bool).
     loss = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), ratio = exp(logp - old_logp).
-    Padding positions are not masked here; the aggregation does that.
+    Padding positions are not masked here; the aggregation does that. (`surrogates.ppo_clip` of the token
+    ratio; `grpo_loss` also takes GSPO's sequence ratio and CISPO, see surrogates.py.)
     """
-    ratio = torch.exp(logp - old_logp.detach())  # [N, T]
-    adv = advantages.detach().unsqueeze(-1)  # [N, 1], one advantage for every token of a completion
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
-    low, high = clip_regions(logp, old_logp, advantages, eps_low, eps_high)
-    return -torch.minimum(unclipped, clipped), low | high
+    per_token, low, high = ppo_clip(token_ratio(logp, old_logp), advantages, eps_low, eps_high)
+    return per_token, low | high
 
 
 def mask_truncated(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
@@ -262,16 +262,29 @@ def grpo_loss(
     beta: float = 0.0,
     aggregation: str = "dapo",
     normalisers: Mapping[str, float | torch.Tensor],
+    importance_level: str = "token",
+    surrogate: str = "clip",
+    token_weights: torch.Tensor | None = None,  # [N, T] detached, e.g. rollout_correction.correction_weights
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate (+ beta * k3 KL per token) aggregated by `aggregation` -> (loss, stats).
+    """Surrogate (+ beta * k3 KL per token) aggregated by `aggregation` -> (loss, stats).
 
-    `normalisers` holds the step's global counts and constants (`normalisers_needed(aggregation)`).
-    stats (detached scalars, means over this micro-batch's scored tokens): clip_frac_low,
-    clip_frac_high, ratio_mean, and kl_mean whenever ref_logp is given (also at beta = 0, to watch).
+    The surrogate is `surrogates.SURROGATES[surrogate]` ("clip": PPO/DAPO, "cispo") of the ratio
+    `surrogates.RATIOS[importance_level]` ("token", "sequence": GSPO). `token_weights` multiply the
+    surrogate only (not the KL term); a weight of 0 drops the token's loss but not its place in the counts
+    (algorithms/rollout_correction.py). `normalisers` holds the step's global counts and constants
+    (`normalisers_needed(aggregation)`). stats (detached scalars, means over this micro-batch's scored
+    tokens): clip_frac_low, clip_frac_high (where the surrogate clipped), ratio_mean (of the ratio used),
+    and kl_mean whenever ref_logp is given (also at beta = 0, to watch).
     """
     if beta > 0 and ref_logp is None:
         raise ValueError(f"beta={beta} > 0 needs reference log-probs (ref_logp is None)")
-    per_token, _ = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high)  # [N, T]
+    if importance_level not in RATIOS or surrogate not in SURROGATES:
+        raise ValueError(f"importance_level {importance_level!r} / surrogate {surrogate!r}: choose from "
+                         f"{sorted(RATIOS)} / {sorted(SURROGATES)}")
+    ratio = RATIOS[importance_level](logp, old_logp, mask)  # [N, T]
+    per_token, low, high = SURROGATES[surrogate](ratio, advantages, eps_low, eps_high)  # [N, T]
+    if token_weights is not None:  # where, not *: a dropped token's loss is 0 even if it overflowed
+        per_token = torch.where(token_weights > 0, per_token * token_weights.detach(), 0.0)
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else None  # [N, T]
     if kl is not None and beta > 0:
         per_token = per_token + beta * kl
@@ -280,11 +293,10 @@ def grpo_loss(
 
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        low, high = clip_regions(logp, old_logp, advantages, eps_low, eps_high)
         stats = {
             "clip_frac_low": (low & mask).sum() / n,
             "clip_frac_high": (high & mask).sum() / n,
-            "ratio_mean": torch.where(mask, torch.exp(logp - old_logp), 0.0).sum() / n,
+            "ratio_mean": torch.where(mask, ratio.detach(), 0.0).sum() / n,
         }
         if kl is not None:
             stats["kl_mean"] = torch.where(mask, kl, 0.0).sum() / n

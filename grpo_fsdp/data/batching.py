@@ -7,6 +7,8 @@ that global batch into micro-batches the same way on every rank, so the set of s
 optimizer step sees does not depend on the world size (the loss normalisation takes care of
 the rest).
 
+Curriculum order (`curriculum_batch_indices`): the same idea over an easy-to-hard list cut into stages.
+
 Order within an epoch: a permutation seeded by (seed, epoch); the tail that does not fill a whole
 global batch is dropped (a different tail each epoch, so no sample is left out for good). With
 group_by_length, each window of 16 consecutive global batches of that permutation is sorted by
@@ -84,3 +86,38 @@ def split_for_rank(indices: Sequence[int], lengths: Sequence[int], rank: int, wo
     ordered = sorted(indices, key=lambda i: (-lengths[i], i))
     micro = [ordered[k : k + micro_batch_size] for k in range(0, len(ordered), micro_batch_size)]
     return [micro[a * world_size + rank] for a in range(accum)]
+
+
+def curriculum_stages(n: int, stages: int) -> list[range]:
+    """Positions 0..n-1 of an easy-to-hard ordering cut into `stages` contiguous stages (sizes differ by <= 1)."""
+    if stages < 1 or stages > max(n, 1):
+        raise ValueError(f"cannot cut {n} prompts into {stages} stages")
+    bounds = [n * k // stages for k in range(stages + 1)]
+    return [range(bounds[k], bounds[k + 1]) for k in range(stages)]
+
+
+def curriculum_batch_indices(ordered: Sequence[int], stages: int, global_batch_size: int, step: int, seed: int) -> tuple[list[int], int]:
+    """(sample indices, stage) of global batch number `step` under a curriculum (SENT, arXiv 2512.04359).
+
+    `ordered` lists sample indices from easiest to hardest (lowest semantic entropy first). It is cut into
+    `stages` contiguous stages; an epoch walks stage 0, then 1, ..., each shuffled by (seed, epoch, stage)
+    and cut into whole global batches (a stage's tail that does not fill one is left out of that epoch, a
+    different tail each epoch); the next epoch walks the stages again. Like `global_batch_indices` it is a
+    pure function of its arguments: resuming at step k gives exactly the batches of an uninterrupted run.
+    """
+    parts = curriculum_stages(len(ordered), stages)
+    counts = [batches_per_epoch(len(p), global_batch_size) for p in parts]
+    if min(counts) == 0:
+        raise UserError(
+            f"data.curriculum_stages={stages}: a stage of {min(len(p) for p in parts)} prompts cannot fill "
+            f"one batch of {global_batch_size}; use fewer stages (at most {len(ordered) // global_batch_size}) or more data")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    epoch, index = divmod(step, sum(counts))
+    stage = 0
+    while index >= counts[stage]:
+        index -= counts[stage]
+        stage += 1
+    members = [ordered[i] for i in parts[stage]]
+    _rng("curriculum", seed, epoch, stage).shuffle(members)
+    return members[index * global_batch_size : (index + 1) * global_batch_size], stage

@@ -9,7 +9,8 @@ pool, timeout) -> the rollout of every rank, gathered -> advantages -> old/ref l
 log -> maybe checkpoint. The step does not depend on the number of ranks or the micro-batch size
 (recipes/rollout_batch.py; tested 1 vs 2 processes). Departures from DeepSeekMath: token-level
 loss (DAPO) by default, clip-higher, population std in the advantages (see algorithms/grpo.py),
-KL off unless algo.beta > 0.
+KL off unless algo.beta > 0, and the engine's own log-probs of the sampled tokens correct the surrogate
+for the engine/trainer mismatch (truncated importance sampling by default, algorithms/rollout_correction.py).
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import torch
 
 from grpo_fsdp import distributed
 from grpo_fsdp.algorithms.grpo import count_contributions, group_advantages, grpo_loss, zero_variance_groups
+from grpo_fsdp.algorithms.rollout_correction import corrected_tokens, correction_weights, mismatch_sums
+from grpo_fsdp.algorithms.surrogates import loss_parts
 from grpo_fsdp.checkpoint import Checkpointer, resume_key
 from grpo_fsdp.cli import redacted_yaml
 from grpo_fsdp.config import Config, GRPOConfig
-from grpo_fsdp.data.batching import global_batch_indices
+from grpo_fsdp.curriculum.cache import model_key
+from grpo_fsdp.curriculum.sampler import PromptOrder
 from grpo_fsdp.data.lengths import fit_prompts
 from grpo_fsdp.data.loading import load_examples
 from grpo_fsdp.data.templates import encode_prompt, render_prompt
@@ -102,6 +106,10 @@ def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOCon
     AdamW's own step count does, so warmup is never spent on skipped ones (cost: a run with skipped updates
     ends before the schedule's last value). It reports loss 0 and grad norm 0 (nothing is scored, the
     gradient is zero) and skipped = 1, logged as train/skipped_updates.
+
+    The engine's log-probs of the sampled tokens (`engine_logp` of each micro-batch) are compared with the
+    trainer's old ones (mismatch sums, logged as rollout/mismatch_*) and correct the surrogate by
+    algo.rollout_correction (algorithms/rollout_correction.py); the correction leaves the counts alone.
     """
     local = defaultdict(int)
     for b in batches:
@@ -109,6 +117,8 @@ def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOCon
             local[k] += int(v)
     norm = {k: distributed.all_reduce_sum(v, device) for k, v in local.items()}  # the step's global counts
     norm["max_completion_length"] = g.max_new_tokens
+    surrogate, aggregation = loss_parts(g.loss)
+    cap = g.rollout_correction_cap
     sums = defaultdict(float, skipped=0)
     if norm["global_tokens"] == 0:  # the same on every rank: all skip together
         sums.update(skipped=1, grad_norm=0.0)
@@ -117,9 +127,18 @@ def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOCon
         tm = b["target_mask"].to(device)
         logp, ent = policy(**to_device(b["inputs"], device), target_mask=tm, with_entropy=True, temperature=temperature)
         old = logp.detach() if olds is None else olds[i]
+        engine = None if b.get("engine_logp") is None else b["engine_logp"].to(device)  # None: a rollout without them
+        weights = correction_weights(g.rollout_correction, old, engine, tm, cap, g.rollout_correction_level)
         loss, st = grpo_loss(logp, old, None if refs is None else refs[i], b["adv"].to(device), tm, eps_low=g.clip_eps_low,
-                             eps_high=g.clip_eps_high, beta=g.beta, aggregation=g.loss, normalisers=norm)
+                             eps_high=g.clip_eps_high, beta=g.beta, aggregation=aggregation, normalisers=norm,
+                             importance_level=g.importance_level, surrogate=surrogate, token_weights=weights)
         loss.backward()
+        if engine is not None:
+            mismatch = mismatch_sums(old, engine, tm, cap)
+            sums["mismatch_abs_max"] = max(sums["mismatch_abs_max"], float(mismatch.pop("abs_max")))
+            for k, v in mismatch.items():  # kl, abs, outside, tokens: sums
+                sums[f"mismatch_{k}"] += float(v)
+            sums["corrected"] += float(corrected_tokens(g.rollout_correction, weights, tm, cap))
         n_tok = float(tm.sum())
         sums["loss"] += loss.item()
         sums["tokens"] += n_tok
@@ -155,6 +174,8 @@ def _run(cfg: Config, td: Teardown) -> int:
     examples, prompts = [examples[i] for i in fit.kept], [prompts[i] for i in fit.kept]
     if fit.summary and d.is_main:
         print(fit.summary, file=sys.stderr, flush=True)
+    order = PromptOrder(cfg.data, [e.question for e in examples], [len(p) for p in prompts], g.prompts_per_step, t.seed,
+                        model_key(cfg.model, t.seed))  # each step's prompts: shuffled epochs or the SENT curriculum
 
     # 2. reward workers (they import their grader while the models load), policy (+ reference only when
     #    beta > 0), optimizer, engine
@@ -172,7 +193,7 @@ def _run(cfg: Config, td: Teardown) -> int:
     evaluator = PeriodicEval(cfg.eval, d.rank, d.eval_rank, tokenizer, cfg.model.template, cfg.data.instruction, scorer,
                              t.max_steps, t.seed, context=engine.max_model_len)
 
-    ckpt = Checkpointer(f"{run_dir}/checkpoints", cfg.checkpoint.keep_last)
+    ckpt = Checkpointer(f"{run_dir}/checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.best_metric, cfg.checkpoint.best_mode)
     start, resumed = ckpt.resume(cfg.checkpoint.resume, policy, optimizer, scheduler)  # "resumed at step N from ..."
     first_gap = sync_weights(policy, engine, probes, tolerance, d.device, first=True)  # logged with the first step
     logger = make_logger(d.rank, run_dir=run_dir, cfg=cfg.logging, config_yaml=redacted_yaml(cfg), total_steps=t.max_steps,
@@ -180,6 +201,8 @@ def _run(cfg: Config, td: Teardown) -> int:
     td.add("logger", logger)
     logger.print(plan.format_table())
     logger.print(f"run dir: {run_dir}\n{resumed}")
+    if order.summary:
+        logger.print(order.summary)
     preempt = Preemption()
     td.callback(preempt.restore)
     per_rank = g.prompts_per_step // d.world_size
@@ -197,7 +220,7 @@ def _run(cfg: Config, td: Teardown) -> int:
         phases = Phases(d.device)
         # 3. rollout: this rank's slice of the step's prompts, G completions each, keyed by global position
         with phases("generate"):
-            ids = global_batch_indices([len(p) for p in prompts], g.prompts_per_step, step, t.seed, False)
+            ids, order_metrics = order(step)  # curriculum/stage and curriculum/batch_entropy under data.curriculum=sent
             sampling = SamplingConfig(n=g.group_size, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                       max_new_tokens=g.max_new_tokens, seed=t.seed * 1_000_003 + step, ignore_eos=g.ignore_eos)
             completions = engine.generate([prompts[i] for i in ids[lo:hi]], sampling, keys=list(range(lo, hi)))
@@ -236,11 +259,14 @@ def _run(cfg: Config, td: Teardown) -> int:
             probe_gap, first_gap = (first_gap if probe_gap is None else probe_gap), None
 
         # 7. log one dict (sums over ranks)
-        keys = ("loss", "tokens", "entropy", "clip_low", "clip_high", "kl")
+        keys = ("loss", "tokens", "entropy", "clip_low", "clip_high", "kl", "mismatch_kl", "mismatch_abs", "mismatch_outside",
+                "mismatch_tokens", "corrected")
         sums = torch.tensor([sum(x[k] for x in done) for k in keys], dtype=torch.float64, device=d.device)
         torch.distributed.all_reduce(sums)
         total = dict(zip(keys, sums.tolist()))
-        tokens = max(total["tokens"], 1.0)
+        tokens, engine_tokens = max(total["tokens"], 1.0), max(total["mismatch_tokens"], 1.0)
+        abs_max = torch.tensor(max(x["mismatch_abs_max"] for x in done), dtype=torch.float64, device=d.device)
+        torch.distributed.all_reduce(abs_max, op=torch.distributed.ReduceOp.MAX)
         lengths = torch.tensor([len(x) for x in rollout.tokens], dtype=torch.float32)
         trained = sum(b["tokens"] for s in steps for b in s) * g.updates_per_rollout
         seconds = phases.seconds
@@ -257,13 +283,21 @@ def _run(cfg: Config, td: Teardown) -> int:
             **_stats("train/advantage_", adv),
             "rollout/completion_length_mean": lengths.mean().item(), "rollout/completion_length_max": lengths.max().item(),
             "rollout/truncation_rate": rollout.truncated.float().mean().item(),
+            # engine vs trainer on the scored tokens (rollout_correction.py): k3 KL(engine || trainer), |log-ratio|,
+            # the share outside [1/C, C], and the share the correction capped (tis) or dropped (mis)
+            "rollout/mismatch_kl": total["mismatch_kl"] / engine_tokens,
+            "rollout/mismatch_abs_logp_mean": total["mismatch_abs"] / engine_tokens,
+            "rollout/mismatch_abs_logp_max": abs_max.item(),
+            "rollout/mismatch_outside_cap": total["mismatch_outside"] / engine_tokens,
+            "rollout/correction_frac": total["corrected"] / engine_tokens,
             **({} if probe_gap is None else {"rollout/probe_max_abs_diff": probe_gap}),
             "perf/generation_tokens_per_s": lengths.sum().item() / max(seconds["generate"], 1e-9),
             "perf/training_tokens_per_s": distributed.all_reduce_sum(trained, d.device) / max(seconds["train"], 1e-9),
-            **phases.metrics(),
+            **phases.metrics(), **order_metrics,
         }
         logger.log(step + 1, metrics)
-        evaluator(step + 1, engine, logger)  # the eval rank only; the others wait at the next collective
+        evaluated = evaluator(step + 1, engine, logger)  # the eval rank only; the others wait at the next collective
+        improved = ckpt.observe(step + 1, evaluated, evaluator.scheduled(step + 1))  # checkpoint.best_metric: save as best/
         if (warning := watch.update(rollout.rewards.tolist())) is not None:
             logger.print(f"warning: {warning}")
         if warning := timeout_warning(step + 1, int(metrics["reward/timeouts"]), int(metrics["reward/over_budget"]),
@@ -277,7 +311,7 @@ def _run(cfg: Config, td: Teardown) -> int:
             saved = ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
             logger.print(preempt.saved(step + 1, saved, run_dir, d.rank))
             break
-        if (step + 1 == t.max_steps and cfg.checkpoint.save_final) or (every and (step + 1) % every == 0):
+        if (step + 1 == t.max_steps and cfg.checkpoint.save_final) or (every and (step + 1) % every == 0) or improved:
             ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
         maybe_fault("after_step", step + 1)
     else:

@@ -44,20 +44,27 @@ class PeriodicEval:
             self.tasks = {name: (load_task(name, data_dir=cfg.data_dir, limit=cfg.limit),
                                  cfg.max_new_tokens or get_task(name).max_new_tokens) for name in cfg.tasks}
 
-    def due(self, step: int) -> bool:
+    def scheduled(self, step: int) -> bool:
+        """Whether an evaluation happens at `step` (on the eval rank): the same answer on every rank."""
         every = self.cfg.every_steps
-        return self.active and (step == self.max_steps or (every > 0 and step % every == 0))
+        return bool(self.cfg.tasks) and (step == self.max_steps or (every > 0 and step % every == 0))
 
-    def __call__(self, step: int, engine, logger) -> None:
-        """Evaluate at optimizer step `step` if it is due on this rank; log into the shared run."""
+    def due(self, step: int) -> bool:
+        return self.active and self.scheduled(step)
+
+    def __call__(self, step: int, engine, logger) -> dict[str, float]:
+        """Evaluate at optimizer step `step` if it is due on this rank; log into the shared run. Returns the
+        metrics logged ({} when nothing was evaluated here), e.g. for checkpoint.best_metric."""
+        logged: dict[str, float] = {}
         if not self.due(step):
-            return
+            return logged
         from eval.evaluate import evaluate
 
         for name, (examples, max_new_tokens) in self.tasks.items():
             result = evaluate(engine, self.tokenizer, examples, template=self.template, instruction=self.instruction, max_new_tokens=max_new_tokens,
                               k=self.cfg.k, seed=self.seed, scorer=self.scorer, task=name, batch_size=self.cfg.batch_size,
                               log=None)  # the skipped count goes into this evaluation's one line below
+            logged.update(result.metrics(prefix="eval/"))
             logger.log_eval(step, result.metrics(prefix="eval/"))
             logger.log_table(step, f"eval/{name}/samples", list(SAMPLE_COLUMNS),
                              [[s[c] for c in SAMPLE_COLUMNS] for s in result.samples[: self.cfg.table_rows]])
@@ -67,3 +74,4 @@ class PeriodicEval:
                 f"{result.max_model_len}-token context")
             print(f"eval step {step}: {name} accuracy {result.accuracy:.1%} of {result.num_problems} ({result.seconds:.1f} s"
                   f"{skipped})", flush=True)
+        return logged

@@ -38,6 +38,7 @@ class Rollout:
     truncated: torch.Tensor  # [P*G] bool: cut at max_new_tokens
     rewards: torch.Tensor  # [P*G] float32
     group_size: int
+    logprobs: list[list[float]] | None = None  # [P*G] the engine's log-prob of each completion token (Completion.logprobs)
 
     def prompt_of(self, i: int) -> list[int]:
         return self.prompts[i // self.group_size]
@@ -49,18 +50,21 @@ def gather_rollout(local: list[Completion], rewards: list[float], prompts: list[
     `prompts` are the step's P prompts (global order, known on every rank); `local` are this
     rank's completions of its contiguous slice of them, prompt-major.
     """
-    mine = [(c.token_ids, c.finish_reason == "length", r) for c, r in zip(local, rewards)]
+    mine = [(c.token_ids, c.finish_reason == "length", r, list(c.logprobs)) for c, r in zip(local, rewards)]
+    if any(len(t) != len(lp) for t, _, _, lp in mine):
+        raise RuntimeError("the rollout engine returned a completion whose log-probs do not match its tokens one to one")
     parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)  # token ids are plain lists: a few hundred KB per step
+    dist.all_gather_object(parts, mine)  # token ids and log-probs are plain lists: a few hundred KB per step
     rows = [row for part in parts for row in part]
     if len(rows) != len(prompts) * group_size:
         raise RuntimeError(f"rollout has {len(rows)} completions, expected {len(prompts)} prompts x {group_size}")
     return Rollout(
         prompts=prompts,
-        tokens=[t for t, _, _ in rows],
-        truncated=torch.tensor([cut for _, cut, _ in rows], dtype=torch.bool),
-        rewards=torch.tensor([r for _, _, r in rows], dtype=torch.float32),
+        tokens=[t for t, _, _, _ in rows],
+        truncated=torch.tensor([cut for _, cut, _, _ in rows], dtype=torch.bool),
+        rewards=torch.tensor([r for _, _, r, _ in rows], dtype=torch.float32),
         group_size=group_size,
+        logprobs=[lp for _, _, _, lp in rows],
     )
 
 
@@ -84,7 +88,9 @@ def micro_batches(
     """The micro-batches of `indices`, loss on completion tokens only.
 
     Each dict: inputs (the policy's keyword arguments, `to_device` moves them); target_mask; adv [n];
-    index [n] (global completion index); tokens (tokens the network processes).
+    index [n] (global completion index); tokens (tokens the network processes); engine_logp, laid out
+    like target_mask (0 elsewhere), the engine's log-prob of each completion token (None when the
+    rollout has none).
       shared_prefix  inputs = {"shared_prefix": SharedPrefix}: each prompt once, then its completions
                      (`grpo_fsdp/shared_prefix.py`); target_mask [n, C] over completion tokens
       padded         inputs = {input_ids, attention_mask} [n, L], prompt + completion rows;
@@ -98,16 +104,29 @@ def micro_batches(
             sp = pack([rollout.prompts[p] for p in runs], [rollout.tokens[i] for i in idx],
                       [runs.index(i // rollout.group_size) for i in idx], pad_id)
             inputs, target, tokens = {"shared_prefix": sp}, sp.completion_mask() & keep[idx][:, None], sp.real_tokens
+            starts = [0] * len(idx)  # completion token t sits in column t
         else:
             samples = [SFTSample(rollout.prompt_of(i) + rollout.tokens[i],
                                  [False] * len(rollout.prompt_of(i)) + [bool(keep[i])] * len(rollout.tokens[i])) for i in idx]
             b = collate(samples, pad_id)
             target = b.pop("loss_mask")[:, 1:]
             inputs, tokens = b, int(b["attention_mask"].sum())
+            starts = [len(rollout.prompt_of(i)) - 1 for i in idx]  # token t is scored in column len(prompt) - 1 + t
         if drop_truncated:  # DAPO overlong filtering
             target = mask_truncated(target, rollout.truncated[idx])
         out.append({"inputs": inputs, "target_mask": target, "adv": advantages[idx].float(), "index": torch.tensor(idx),
-                    "tokens": tokens})
+                    "tokens": tokens, "engine_logp": _engine_logp(rollout, idx, starts, target.shape)})
+    return out
+
+
+def _engine_logp(rollout: Rollout, idx: list[int], starts: list[int], shape: torch.Size) -> torch.Tensor | None:
+    """The engine's log-probs of completions `idx`, row n's token t in column starts[n] + t of a [n, T] tensor."""
+    if rollout.logprobs is None:
+        return None
+    out = torch.zeros(shape, dtype=torch.float32)
+    for row, (i, start) in enumerate(zip(idx, starts)):
+        lp = rollout.logprobs[i]
+        out[row, start:start + len(lp)] = torch.tensor(lp, dtype=torch.float32)
     return out
 
 
