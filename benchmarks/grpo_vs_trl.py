@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/grpo_vs_trl.py          # 8 prompts x G=8, 64 new tokens, 10 steps, 3 runs a side (~4 min)
     .venv/bin/python benchmarks/grpo_vs_trl.py --steps 20 --max-new-tokens 128 --sft-steps 0 --repeats 1
     .venv/bin/python benchmarks/grpo_vs_trl.py --sides ours --ours-extra hardware.compile=true   # explore our knobs
+    .venv/bin/python benchmarks/grpo_vs_trl.py --vocab qwen2.5   # the real 151,665-token vocabulary, tied head
 
 Needs `trl` (measured with trl 1.16.0, which installs beside transformers 5.19 / torch 2.13 without
 changing them: `pip install trl==1.16.0` adds only trl and accelerate).
@@ -14,6 +15,11 @@ What runs, in one invocation:
      with its tokenizer and chat template; `--sft-steps 0` saves the seeded random init instead
      (every completion then runs to --max-new-tokens and every reward is 0); `--model-dir` uses a
      directory you already have. Both sides load exactly these weights.
+     `--vocab qwen2.5` (issue 13) builds the start model with the real Qwen2.5 tokenizer
+     (../shared/tokenizers/qwen2.5 beside the repository, 151,665 tokens, its chat template) and
+     tied embeddings: the tiny model's layers (conf/model/tiny.yaml) with a 151,665 x 128 head
+     shared with the input embedding, seeded random init, then --sft-steps of our SFT from that
+     directory (model.path=<init>) as for the default preset.
   1. ours: `python -m grpo_fsdp.train algo=grpo model.path=<dir> ...` in its own process (HFEngine
      rollouts, `rollout.engine=hf` to match TRL's engine kind; reward worker pool, FSDP2 policy with
      the chunked LM head, metrics.jsonl).
@@ -109,6 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of both sides")
     p.add_argument("--sft-steps", type=int, default=60, help="SFT steps for the start model (0: random init)")
     p.add_argument("--model-dir", type=Path, default=None, help="start from this HF directory instead")
+    p.add_argument("--vocab", choices=["tiny", "qwen2.5"], default="tiny",
+                   help="the start model's tokenizer: the tiny byte-level one, or Qwen2.5's (151,665 tokens, tied head)")
+    p.add_argument("--tokenizer-dir", type=Path, default=REPO.parent / "shared" / "tokenizers" / "qwen2.5",
+                   help="where --vocab qwen2.5 reads the tokenizer")
     p.add_argument("--sides", default="ours,trl", help="comma list: ours, trl")
     p.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating order; the median is reported")
     p.add_argument("--ours-extra", nargs="*", default=[], help="extra overrides for our side only (e.g. hardware.compile=true)")
@@ -226,6 +236,8 @@ def build_start_model(a: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     """The HF directory both sides start from; see the module docstring."""
     if a.model_dir is not None:
         return a.model_dir, {"source": f"given: {a.model_dir}"}
+    if a.vocab == "qwen2.5":
+        return build_qwen_vocab_model(a, work)
     if a.sft_steps > 0:
         run_dir = work / "sft"
         cmd = [sys.executable, "-m", "grpo_fsdp.train", f"run_dir={run_dir}", f"train.max_steps={a.sft_steps}",
@@ -252,6 +264,44 @@ def build_start_model(a: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out, {"source": "tiny (conf/model/tiny.yaml), random init"}
+
+
+def build_qwen_vocab_model(a: argparse.Namespace, work: Path) -> tuple[Path, dict]:
+    """The tiny model's layers with Qwen2.5's tokenizer and a tied head: random init, then --sft-steps of our SFT."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    from grpo_fsdp.cli import compose
+
+    if not (a.tokenizer_dir / "tokenizer.json").exists():
+        raise SystemExit(f"--vocab qwen2.5: no tokenizer.json in {a.tokenizer_dir}; pass --tokenizer-dir <dir>")
+    tok = AutoTokenizer.from_pretrained(a.tokenizer_dir)
+    arch = compose(["model=tiny"]).model.arch
+    conf = Qwen2Config(
+        vocab_size=len(tok), hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_kv_heads,
+        max_position_embeddings=arch.max_position_embeddings, rope_theta=arch.rope_theta, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(a.seed)
+    model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+    init = work / "init-qwen2.5"
+    model.save_pretrained(init)
+    tok.save_pretrained(init)
+    source = (f"tiny layers (conf/model/tiny.yaml) with the Qwen2.5 tokenizer ({len(tok):,} tokens, {a.tokenizer_dir}) "
+              "and tied embeddings, random init")
+    if a.sft_steps == 0:
+        return init, {"source": source, "vocab_size": len(tok)}
+    run_dir = work / "sft"
+    cmd = [sys.executable, "-m", "grpo_fsdp.train", f"run_dir={run_dir}", f"model.path={init}", f"train.max_steps={a.sft_steps}",
+           f"train.seed={a.seed}", "logging.progress_bar=false"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, check=False, cwd=REPO, env=child_env(a.threads), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"SFT of the start model failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return run_dir / "hf", {"source": f"{source}, after {a.sft_steps} SFT steps on arithmetic", "vocab_size": len(tok),
+                            "sft_final_loss": rows[-1]["train/loss"], "sft_seconds": time.perf_counter() - t0}
 
 
 def run_ours(a: argparse.Namespace, model_dir: Path, work: Path, tag: str = "") -> dict:
@@ -493,7 +543,7 @@ def main(argv=None) -> int:
                          "micro_batch": a.micro_batch, "lr": a.lr, "seed": a.seed, "threads": a.threads,
                          "temperature": 1.0, "beta": 0.0, "loss_type": "dapo", "engine": "transformers (ours: HFEngine; TRL: use_vllm=False)",
                          "dtype": "float32", "attention": "sdpa", "activation_checkpointing": False,
-                         "repeats": a.repeats, "ours_extra_overrides": a.ours_extra},
+                         "repeats": a.repeats, "ours_extra_overrides": a.ours_extra, "vocab_preset": a.vocab},
             "start_model": start, "versions": versions(), "ours": o, "trl": t,
             "ours_runs": runs.get("ours", []), "trl_runs": runs.get("trl", []),
         }

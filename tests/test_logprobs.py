@@ -96,3 +96,26 @@ def test_bf16_head_gradients_keep_their_dtype_and_match_fp64():
     assert w.grad.dtype == torch.bfloat16 and hid.grad.dtype == torch.bfloat16
     rel = (w.grad.double() - ref_w.grad).norm() / ref_w.grad.norm()
     assert rel < 1e-2, rel  # measured 4e-3: the bf16 rounding of the logits and of the result
+
+
+def test_running_max_rescaling_across_vocabulary_blocks():
+    """Logits that grow block after block (each block's max beats the last by ~40 nats, so earlier blocks'
+    exp sums must be rescaled or they swamp the result): values, entropy and gradients against fp64 autograd.
+    64 tokens, chunk 4 -> blocks of 16 columns over V = 80."""
+    torch.manual_seed(4)
+    n, h, v = 64, 8, 80
+    ramp = torch.linspace(0, 3, v, dtype=torch.float64)[:, None]  # later rows of W: larger logits
+    w64 = (torch.randn(v, h, dtype=torch.float64) * 0.3 + ramp).requires_grad_()
+    h64 = (torch.randn(n, h, dtype=torch.float64).abs() * 4).requires_grad_()
+    targets = torch.randint(0, v, (n,))
+    hid, w = h64.detach().float().requires_grad_(), w64.detach().float().requires_grad_()
+    logp, ent = chunked_token_logprobs(hid, w, targets, chunk_size=4, with_entropy=True)
+    ref_logp, ref_ent = _full(h64, w64, None, targets, 1.0)
+    assert (ref_logp < -30).any()  # some targets sit in blocks far below the final max
+    torch.testing.assert_close(logp, ref_logp.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ent, ref_ent.float(), rtol=0, atol=1e-4)
+    wl = torch.randn(n)
+    ((logp * wl).sum() + ent.sum()).backward()
+    ((ref_logp * wl.double()).sum() + ref_ent.sum()).backward()
+    torch.testing.assert_close(hid.grad, h64.grad.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad, w64.grad.float(), rtol=1e-4, atol=1e-4)

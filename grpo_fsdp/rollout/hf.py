@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, StaticCache
 from grpo_fsdp.attention import with_our_attention
 from grpo_fsdp.rollout.base import Completion, GenerationStats, SamplingConfig, check_prompt_lengths
 from grpo_fsdp.rollout.kv_cache import preallocated_cache
-from grpo_fsdp.rollout.noise import exponential_noise, stream_ids
+from grpo_fsdp.rollout.noise import column_codes, exponential_noise_, stream_ids
 
 # Wrapper segments that torch.compile / activation checkpointing insert into parameter names.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -68,23 +68,81 @@ def truncate_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return scaled
 
 
-def sample_next(logits: torch.Tensor, sampling: SamplingConfig, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row and its log-prob (see `base.Completion`). logits [B, V] fp32 -> ([B] long, [B] fp32).
+class Sampler:
+    """One token per row and its log-prob (see `base.Completion`), for one `generate` call's vocabulary.
+
+    `sample(logits [B, V] any float dtype, streams [B] int64 | None, step) -> ([B] long, [B] fp32)`.
 
     Sampling is the exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) iid picks v with
-    probability p_v, the same distribution as `torch.multinomial`. It is used because the noise
-    is a pure function of (sequence, step, token) (`noise.exponential_noise`), so dropping finished
-    rows, chunking or splitting the batch over ranks does not change any sequence's samples.
+    probability p_v, the same distribution as `torch.multinomial` (tested by a chi-square test). The
+    noise is a pure function of (sequence, step, token) (`noise.exponential_noise`), so dropping
+    finished rows, chunking or splitting the batch over ranks does not change any sequence's samples.
+
+    The log-prob is that of the temperature-scaled, untruncated distribution, log_softmax(logits / T)
+    at the sampled token, also under top-k / top-p (what the trainer's log-probs compute; the
+    truncation only decides which tokens may be drawn). Greedy (T = 0): log_softmax(logits).
+
+    What a step costs beyond the LM head (issue 13): the vocabulary is visited `rows_per_block` rows
+    at a time, so its ~25 elementwise passes run on a cache-sized block held in four preallocated
+    buffers instead of fresh [B, V] tensors. Per block: one fp32 copy of the logits divided by T, its
+    max, exp(z - max) in place, whose sum gives the log-normaliser (no log_softmax or softmax
+    materialised), the noise written in place (`noise.exponential_noise_`), the race as a division in
+    place and an argmax. The head's [B, V] output itself is never copied (nor upcast when bf16).
+    The sampled token's log-prob is z[token] - logsumexp(z), z read again from the logits (the same
+    fp32 value the block held). p_v / E_v is computed as exp(z_v - max) / E_v: the softmax's common
+    factor 1 / sum is left out, which does not change the argmax (up to rounding ties).
     """
-    if sampling.greedy:
-        tokens = logits.argmax(dim=-1)
-        logp = logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
-        return tokens, logp
-    scaled = logits / sampling.temperature  # [B, V]
-    kept = truncate_logits(scaled, sampling.top_k, sampling.top_p)
-    tokens = (kept.softmax(dim=-1) / noise).argmax(dim=-1)  # [B]
-    logp = scaled.gather(-1, tokens[:, None]).squeeze(-1) - scaled.logsumexp(dim=-1)  # untruncated
-    return tokens, logp
+
+    def __init__(self, sampling: SamplingConfig, vocab: int, device: torch.device, rows_per_block: int | None = None):
+        self.sampling = sampling
+        self.rows = rows_per_block or max(1, (1 << 20) // vocab)  # ~1M entries: 4 MB fp32, 8 MB per int64 scratch
+        self.cols = None if sampling.greedy else column_codes(vocab, device)
+        self.rev = torch.arange(vocab, 0, -1, dtype=torch.float32, device=device)  # V - v
+        self.truncate = 0 < sampling.top_k < vocab or sampling.top_p < 1.0
+        self._buf: tuple[torch.Tensor, ...] | None = None
+
+    def _buffers(self, n: int, vocab: int, device: torch.device):
+        if self._buf is None or self._buf[0].shape[0] < n:
+            self._buf = (torch.empty(n, vocab, device=device), torch.empty(n, vocab, device=device),
+                         torch.empty(n, vocab, dtype=torch.int64, device=device),
+                         torch.empty(n, vocab, dtype=torch.int64, device=device))
+        return (b[:n] for b in self._buf)
+
+    def sample(self, logits: torch.Tensor, streams: torch.Tensor | None, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.sampling
+        if s.greedy:
+            tokens = logits.argmax(dim=-1)
+            z = logits.float()  # a copy only for a low-precision head
+            return tokens, z.gather(-1, tokens[:, None]).squeeze(-1) - z.logsumexp(dim=-1)
+        B, V = logits.shape
+        tokens = torch.empty(B, dtype=torch.long, device=logits.device)
+        lse = torch.empty(B, dtype=torch.float32, device=logits.device)
+        for lo in range(0, B, self.rows):
+            hi = min(lo + self.rows, B)
+            z, noise, x, tmp = self._buffers(hi - lo, V, logits.device)
+            z.copy_(logits[lo:hi])  # [b, V] fp32: the one copy (the block is overwritten below)
+            if s.temperature != 1.0:
+                z.div_(s.temperature)
+            if self.truncate:  # the log-normaliser of the untruncated distribution, then the cut
+                lse[lo:hi] = torch.logsumexp(z, dim=-1)
+                z.copy_(truncate_logits(z, s.top_k, s.top_p))
+            m = z.amax(dim=-1, keepdim=True)  # the top token always survives truncation: finite
+            w = z.sub_(m).exp_()  # exp(z - max): the softmax up to its row factor
+            if not self.truncate:
+                lse[lo:hi] = m.squeeze(-1) + w.sum(dim=-1).log()
+            exponential_noise_(noise, streams[lo:hi], step, self.cols, (x, tmp))
+            race = w.div_(noise)  # p_v / E_v up to the row factor
+            best = race.amax(dim=-1, keepdim=True)
+            # the first index of the max, as argmax returns it, from vectorised passes (argmax itself runs
+            # ~15x slower than amax on the CPU): max over maxima of V - v, exact in fp32 for V < 2^24
+            tokens[lo:hi] = V - race.eq_(best).mul_(self.rev).amax(dim=-1).long()
+        picked = logits.gather(-1, tokens[:, None]).squeeze(-1).float() / s.temperature  # z[token], bit for bit
+        return tokens, picked - lse
+
+
+def sample_next(logits: torch.Tensor, sampling: SamplingConfig, streams: torch.Tensor | None, step: int = 0):
+    """`Sampler(...).sample` for one step (tests, one-off use). logits [B, V] -> ([B] long, [B] fp32)."""
+    return Sampler(sampling, logits.shape[-1], logits.device).sample(logits, streams, step)
 
 
 class HFEngine:
@@ -256,7 +314,7 @@ class HFEngine:
     def _forward_last(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()  # [B, V]
+        return out.logits[:, -1]  # [B, V] in the head's dtype: the sampler converts a block at a time
 
     def _generate_chunk(self, prompts, owners: list[int], streams: list[int], sampling: SamplingConfig, stats) -> list[Completion]:
         dev, pad, max_new = self.device, self.pad_token_id, sampling.max_new_tokens
@@ -300,9 +358,9 @@ class HFEngine:
         rows = torch.arange(B, device=dev)  # original row of each live batch row
         row_streams = torch.tensor(streams, dtype=torch.int64, device=dev)  # noise stream of each sequence
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # per live batch row
+        sampler = Sampler(sampling, logits.shape[-1], dev)
         for t in range(max_new):
-            noise = None if sampling.greedy else exponential_noise(row_streams[rows], t, logits.shape[-1])
-            tok, lp = sample_next(logits, sampling, noise)  # [b], [b]
+            tok, lp = sampler.sample(logits, row_streams[rows], t)  # [b], [b]
             tokens[rows, t], logps[rows, t] = tok, lp  # rows already done write past their end: trimmed below
             hit = torch.isin(tok, self._eos) & ~done & (not sampling.ignore_eos)
             n_tokens[rows] = torch.where(hit, t + 1, n_tokens[rows])

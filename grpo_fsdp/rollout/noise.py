@@ -17,8 +17,11 @@ engines that batch differently.
 
 The mixing function is the 32-bit finaliser "x ^= x >> 16; x *= 0x45d9f3b" applied twice (a
 published avalanche-tested constant); every product stays below 2^59, so int64 tensors never
-overflow on any device. Cost: about ten integer ops per vocabulary entry per step, a few percent
-of a decode step at Qwen2.5's 151,936 entries. Resolution: 23 bits of uniform, so E lies in
+overflow on any device. Cost: about ten integer ops and one log per vocabulary entry per step; the
+sampler runs them in place on a few rows at a time (`exponential_noise_`, same bits), which at
+B = 64, V = 151,665 took the whole sampling step from 12x to ~1.3x the LM-head matmul of a
+128-wide model (benchmarks/decode_step.py; the allocating version made a fresh [B, V] int64 tensor
+per operation). Resolution: 23 bits of uniform, so E lies in
 [1.2e-7, 16.6]; tokens below ~1e-7 probability relative to the winner are sampled slightly less
 often than exactly, far below anything a GRPO step can see.
 """
@@ -58,3 +61,28 @@ def exponential_noise(streams: torch.Tensor, step: int, vocab: int) -> torch.Ten
     h = mix32(row[:, None] ^ (col[None, :] & _M32))  # [B, V]
     u = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))  # (0, 1), exact in fp32
     return -torch.log(u)
+
+
+def column_codes(vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The per-token half of the hash, [vocab] int64: computed once per `generate` call, not per step."""
+    return (torch.arange(vocab, device=device, dtype=torch.int64) * 0x85EBCA6B) & _M32
+
+
+def exponential_noise_(out: torch.Tensor, streams: torch.Tensor, step: int, cols: torch.Tensor,
+                       scratch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """`exponential_noise` written into `out` [b, V] fp32, bit for bit, with no allocation of size V.
+
+    cols: `column_codes(V)`; scratch: two int64 tensors of out's shape (reused across calls). The
+    decode loop calls this on a few rows at a time, so the ~20 passes stay in cache (the
+    allocating version above makes a fresh [B, V] int64 tensor per operation: at B = 64 and
+    V = 151,665 that is 78 MB each, first-touch page faults included)."""
+    x, tmp = scratch
+    row = mix32(streams + ((step * _GOLDEN) & _M32))  # [b]
+    torch.bitwise_xor(row[:, None], cols[None, :], out=x)  # both < 2^32: the first mask of mix32 is a no-op
+    for _ in range(2):
+        torch.bitwise_right_shift(x, 16, out=tmp)
+        x.bitwise_xor_(tmp).mul_(_MUL).bitwise_and_(_M32)
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    x.bitwise_xor_(tmp).bitwise_right_shift_(9)
+    out.copy_(x)  # < 2^23: exact in fp32
+    return out.add_(0.5).mul_(1.0 / (1 << 23)).log_().neg_()
