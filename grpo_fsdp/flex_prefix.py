@@ -24,7 +24,9 @@ The row length T differs from one micro-batch to the next. On CPU the kernel is 
 shapes, once per length: the dynamic-shape recompile that torch.compile makes by default at the second
 length failed in torch 2.13's C++ template ("'cur_kvSplitSize8' was not declared", measured with this
 mask; a plain causal mask compiled). On CUDA it keeps torch.compile's default (dynamic after the first
-recompile), not yet run on a GPU: tests/test_gpu_attention.py and benchmarks/gpu_check.sh check it.
+recompile). First GPU run (H200, torch 2.11): one shape compiled and trained; the second shape's
+recompile did not finish within 45-100 s (benchmarks/results/gpu_check-2026-11-30-nvidia-h200.md), so
+`auto` does not pick flex on CUDA; tests/test_gpu_flex.py and gpu_check.sh's flex lines check it again.
 """
 
 from __future__ import annotations

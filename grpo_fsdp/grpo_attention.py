@@ -17,11 +17,19 @@ completions). Three kernels can train it; all give the same log-probs and gradie
                              flex_prefix.py runs the unfused reference instead), and flash-attn is CUDA-only.
                              Measured in benchmarks/prefix_attention.py (results/prefix_attention.md).
     CUDA, flash-attn present per micro-batch: fa2_varlen when the padding-free row is at most
-                             VARLEN_MARGIN x the shared-prefix row (tokens each layer processes), else flex.
+                             VARLEN_MARGIN x the shared-prefix row (tokens each layer processes), else sdpa.
                              Varlen repeats every prompt G times, the shared layout pads prompts and length
                              blocks; the per-token work of the projections and MLP dominates at 1-2k tokens, so
                              the shorter row wins unless FA2's faster kernel outweighs the difference.
-    CUDA, no flash-attn      flex (no K/V copies, no dense mask; same tokens as sdpa).
+    CUDA, no flash-attn      sdpa.
+
+flex is opt-in on CUDA (`hardware.grpo_attention=flex`). On the first GPU run (H200, torch 2.11.0+cu130,
+2026-11-30, benchmarks/results/gpu_check-2026-11-30-nvidia-h200.md) it trained a GRPO step of one shape
+(benchmarks/grpo_step.py: compiled in the first step, then 1.79 s per step), but a second shape in the same
+process (a recompile: tests/test_gpu_flex.py's second case, and prefix_attention.py's varied completion
+lengths) did not finish within 45-100 s, while sdpa ran every shape (2.75 s per 8 x 8 x 1.3k-token step).
+GRPO's lengths change every micro-batch, so `auto` waits until tests/test_gpu_flex.py and gpu_check.sh's
+prefix-attention-flex line pass.
 
 VARLEN_MARGIN = 1.05 is a stated prior, not yet a measurement. Per token, Qwen2.5-1.5B spends 6N = 9 GFLOP
 in its weights (forward + backward) and 12·L·h·s = 0.66 GFLOP in attention at s = 1280 (PaLM's count,
@@ -77,6 +85,6 @@ def choose(setting: str, sp, device_type: str, flash: bool | None = None) -> str
     if device_type != "cuda":
         return "sdpa"
     if not (flash_attn_available() if flash is None else flash):
-        return "flex"
+        return "sdpa"
     shared, varlen = row_tokens(sp)
-    return "fa2_varlen" if varlen <= VARLEN_MARGIN * shared else "flex"
+    return "fa2_varlen" if varlen <= VARLEN_MARGIN * shared else "sdpa"
