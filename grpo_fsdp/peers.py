@@ -5,7 +5,12 @@ on the very peer that failed). torchrun's agent hosts that store, so it outlives
 still answers while the process group is broken; we open our own client connection to it.
 
 - Heartbeat (`start`): a daemon thread adds 1 to `hb/<rank>` every second until the process exits,
-  through teardown too, so a rank tearing down after the same failure still counts as answering.
+  through teardown too, so a rank tearing down after the same failure still counts as answering. An
+  atexit handler stops and joins it before the interpreter finalizes: a daemon thread still inside
+  `store.add` then (the GIL released in C++) is ended by pthread_exit when it takes the GIL back, and that
+  forced unwind through a noexcept C++ frame aborts the process ("terminate called without an active
+  exception", exit 134 after a clean run; seen in about one suite run in three on a loaded 2-core machine,
+  and every time when a beat blocks at exit: tests/test_peers_exit.py).
   A rank whose counter stands still for a few seconds is stopped (SIGSTOP), hung in C code, or dead.
 - Report (`report`): a failing rank publishes its line under `error/<rank>` and waits up to two
   seconds for the others. It prints only if no lower rank published the same text; the prefix names
@@ -22,6 +27,7 @@ rank prints its own line with its prefix: never a hang, at worst a duplicate.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
@@ -33,6 +39,7 @@ HEARTBEAT_S = 1.0  # beat period
 PROBE_S = 3.0  # how long a counter must stand still to call a rank silent (3 beats)
 GATHER_S = 2.0  # how long a failing rank waits for the others' messages before it prints
 STORE_ERRORS = (RuntimeError, OSError, ValueError)  # torch.distributed.DistError is a RuntimeError
+STORE_TIMEOUT_S = 5.0  # our client's timeout: the longest one store call can block
 
 _state: dict = {"store": None, "tried": False, "timeout_s": None, "beating": False}
 
@@ -52,7 +59,7 @@ def _store():
         if _rank_world()[1] > 1 and hosted and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
             with contextlib.suppress(*STORE_ERRORS):  # no store to reach (rank 0 gone, not torchrun): report without it
                 base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                     timeout=timedelta(seconds=5))
+                                     timeout=timedelta(seconds=STORE_TIMEOUT_S))
                 _state["store"] = dist.PrefixStore(f"grpo_fsdp/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
     return _state["store"]
 
@@ -85,8 +92,10 @@ def start(timeout_s: float, watch: bool = False) -> None:
     rank, world = _rank_world()
     peer = PeerWatch((rank + 1) % world, max(PROBE_S, timeout_s - 2 * HEARTBEAT_S), time.monotonic())
 
+    stop = threading.Event()
+
     def beat() -> None:
-        while True:
+        while not stop.is_set():
             try:
                 store.add(f"hb/{rank}", 1)
                 if watch and (silent := peer.silent_for(int(store.add(f"hb/{peer.peer}", 0)), time.monotonic())):
@@ -97,10 +106,18 @@ def start(timeout_s: float, watch: bool = False) -> None:
                         print(line, file=sys.stderr, flush=True)
             except STORE_ERRORS:
                 return  # the store is gone: the launcher is ending the run
-            time.sleep(HEARTBEAT_S)
+            stop.wait(HEARTBEAT_S)
 
     _state["beating"] = True
-    threading.Thread(target=beat, name="grpo-fsdp-heartbeat", daemon=True).start()
+    thread = threading.Thread(target=beat, name="grpo-fsdp-heartbeat", daemon=True)
+    thread.start()
+    atexit.register(_stop_beating, stop, thread)
+
+
+def _stop_beating(stop: threading.Event, thread: threading.Thread) -> None:
+    """At exit, before finalization: let the beat in flight return (at most one store call's timeout)."""
+    stop.set()
+    thread.join(timeout=STORE_TIMEOUT_S + 1.0)
 
 
 def _published(store, kind: str, ranks) -> dict[int, str]:

@@ -77,12 +77,6 @@ def test_two_ranks_write_one_offline_run(tmp_path):
     try:
         env = _env({"WANDB_MODE": "offline"})
         proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
-            # a rank aborting at exit (once in three suite runs, cause not found yet, see the session note of
-            # 2026-11-30): once more into a fresh directory, so every assertion below applies to one clean run
-            run_dir = tmp_path / "run-again"
-            cmd[-1] = str(run_dir)
-            proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
         wandb.teardown()
     assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
