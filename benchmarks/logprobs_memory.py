@@ -16,6 +16,9 @@ states and the head weight (both require grad, as in training):
               one [V, H] buffer (until 2026-11-23 it was activation checkpointing per chunk,
               whose backward allocated a [V, H] gradient per chunk: the first results below);
   all         the same with chunk_size = seq: one chunk.
+  f<n>        grpo_fsdp.logprobs.fused_token_loss: n tokens at a time over the whole vocabulary, the
+              loss's gradient (1 per kept token) applied in forward (Liger's fused linear cross-entropy
+              pattern): 3 matmuls instead of 4, an fp32 [V, H] gradient accumulator (issue 13 item 3).
 
 Every variant runs in its own process (python's and torch's allocations are counted alike only
 by the kernel), so its numbers do not depend on what ran before it:
@@ -36,6 +39,10 @@ by the kernel), so its numbers do not depend on what ran before it:
               ratio to trust; the per-process seconds are kept beside it.
   goal        issue 13: extra peak <= 0.25x the full variant's (the measure behind "chunk 256
               costs 0.32x the memory of full fp32 logits") at <= 1.0x its time (interleaved).
+
+--keep 0.2 puts the loss on a random 20% of the tokens, as the entropy mask does (algo.entropy_top_quantile,
+issue 16): the chunked head's backward then runs on those rows only (grpo_fsdp/logprobs.py); full logits
+gain nothing from it (autograd through the [seq, vocab] softmax is dense).
 
 Since issue 13 the chunked head works on blocks of vocabulary columns for all tokens at once
 ([N, chunk x V / N] logits, see grpo_fsdp/logprobs.py): one buffer of chunk x V fp32 logits
@@ -78,14 +85,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=151_665)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=1536)
-    p.add_argument("--variants", default="full,256,1024,all", help="comma list of full, all, or chunk sizes")
+    p.add_argument("--variants", default="full,256,1024,all",
+                   help="comma list of full, all, chunk sizes (the blocked head), f<chunk> (the fused head, token chunks)")
     p.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up")
     p.add_argument("--device", default="cpu")
     p.add_argument("--entropy", action="store_true", help="also compute the entropy (chunked variants; full adds it too)")
+    p.add_argument("--keep", type=float, default=1.0,
+                   help="the loss on this share of the tokens only (the entropy mask, issue 16: 0.2); the rest get zero gradient")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def keep_mask(n: int, share: float, generator):
+    """[n] bool with ceil(share x n) True at random places (all True at share 1): the tokens the loss reads."""
+    import math
+
+    import torch
+
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.randperm(n, generator=generator)[: math.ceil(share * n)]] = True
+    return keep
+
+
+def kept_grad(kept):
+    """fused_token_loss's token_grad for the loss sum(logp over kept tokens): its value and gradient 1 / 0 per token."""
+
+    def token_grad(lp, lo, hi):
+        k = kept[lo:hi]
+        return lp[k].sum(), k.float()
+
+    return token_grad
 
 
 def rss_bytes() -> int:
@@ -99,7 +130,7 @@ def rss_bytes() -> int:
 def run_variant(a: argparse.Namespace) -> dict:
     import torch
 
-    from grpo_fsdp.logprobs import chunked_token_logprobs
+    from grpo_fsdp.logprobs import chunked_token_logprobs, fused_token_loss
 
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
@@ -107,19 +138,23 @@ def run_variant(a: argparse.Namespace) -> dict:
     hidden = (torch.randn(a.seq, a.hidden, generator=g)).to(dev).requires_grad_(True)  # [N, H]
     weight = (torch.randn(a.vocab, a.hidden, generator=g) * 0.02).to(dev).requires_grad_(True)  # [V, H]
     targets = torch.randint(0, a.vocab, (a.seq,), generator=g).to(dev)  # [N]
+    kept = keep_mask(a.seq, a.keep, g).to(dev)  # [N]
 
     def step(hidden, weight, targets):
+        kept_ = kept[: hidden.shape[0]]
         if a.variant == "full":
             logits = hidden @ weight.T  # [N, V]
             logprobs = torch.log_softmax(logits, dim=-1)
             logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)
-            loss = logp.sum()
+            loss = torch.where(kept_, logp, 0.0).sum()
             if a.entropy:
                 loss = loss + (-(logprobs.exp() * logprobs).sum(-1)).sum()
+        elif a.variant.startswith("f"):
+            loss, logp = fused_token_loss(hidden, weight, targets, int(a.variant[1:]), kept_grad(kept_))
         else:
             chunk = hidden.shape[0] if a.variant == "all" else int(a.variant)
             logp, ent = chunked_token_logprobs(hidden, weight, targets, chunk, with_entropy=a.entropy)
-            loss = logp.sum() + (ent.sum() if a.entropy else 0)
+            loss = torch.where(kept_, logp, 0.0).sum() + (ent.sum() if a.entropy else 0)
         loss.backward()
         return logp.detach()
 
@@ -163,12 +198,13 @@ def run_interleaved(a: argparse.Namespace, variants: list[str]) -> dict:
     """Every variant in turn in this one process, --iters rounds after a warm-up round: median seconds each."""
     import torch
 
-    from grpo_fsdp.logprobs import chunked_token_logprobs
+    from grpo_fsdp.logprobs import chunked_token_logprobs, fused_token_loss
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(a.seq, a.hidden, generator=g).to(a.device).requires_grad_(True)
     weight = (torch.randn(a.vocab, a.hidden, generator=g) * 0.02).to(a.device).requires_grad_(True)
     targets = torch.randint(0, a.vocab, (a.seq,), generator=g).to(a.device)
+    kept = keep_mask(a.seq, a.keep, g).to(a.device)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(1 + a.iters):
         for v in variants:
@@ -176,13 +212,15 @@ def run_interleaved(a: argparse.Namespace, variants: list[str]) -> dict:
             t = time.perf_counter()
             if v == "full":
                 logprobs = torch.log_softmax(hidden @ weight.T, dim=-1)
-                loss = logprobs.gather(-1, targets[:, None]).sum()
+                loss = torch.where(kept, logprobs.gather(-1, targets[:, None]).squeeze(-1), 0.0).sum()
                 if a.entropy:
                     loss = loss + (-(logprobs.exp() * logprobs).sum(-1)).sum()
                 del logprobs
+            elif v.startswith("f"):
+                loss, _ = fused_token_loss(hidden, weight, targets, int(v[1:]), kept_grad(kept))
             else:
                 logp, ent = chunked_token_logprobs(hidden, weight, targets, a.seq if v == "all" else int(v), with_entropy=a.entropy)
-                loss = logp.sum() + (ent.sum() if a.entropy else 0)
+                loss = torch.where(kept, logp, 0.0).sum() + (ent.sum() if a.entropy else 0)
             loss.backward()
             if a.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -224,7 +262,7 @@ def write_md(path: Path, res: dict) -> None:
     text = (
         f"\n## {res['date']}: {res['machine']}\n\n"
         f"vocab {s['vocab']:,}, seq {s['seq']}, hidden {s['hidden']}, fp32 on {s['device']}, forward + backward into hidden "
-        f"and W, entropy {'on' if s['entropy'] else 'off'}, {res['threads']} threads, torch {res['versions']['torch']}; "
+        f"and W, entropy {'on' if s['entropy'] else 'off'}, loss on {s.get('keep', 1.0):.0%} of the tokens, {res['threads']} threads, torch {res['versions']['torch']}; "
         f"W.grad + hidden.grad = {res['grads_mb']:,.0f} MB (in every variant's extra peak).\n\n"
         "| variant | extra peak MB | extra minus grads MB | extra peak vs full | seconds (own process) | seconds (interleaved) "
         "| time vs full (interleaved) | goal (<= 0.25x, <= 1.0x) | max abs logp diff vs full | hidden.grad rel diff |\n"
@@ -257,7 +295,7 @@ def main(argv=None) -> int:
             out = Path(tmp) / f"{v}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", v, "--result", str(out), "--vocab", str(a.vocab),
                    "--seq", str(a.seq), "--hidden", str(a.hidden), "--iters", str(a.iters), "--device", a.device,
-                   *(["--entropy"] if a.entropy else [])]
+                   "--keep", str(a.keep), *(["--entropy"] if a.entropy else [])]
             t0 = time.perf_counter()
             r = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True)
             if r.returncode != 0 or not out.exists():
@@ -273,7 +311,7 @@ def main(argv=None) -> int:
         inter_out = Path(tmp) / "interleaved.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", "interleaved", "--variants", ",".join(variants),
                "--result", str(inter_out), "--vocab", str(a.vocab), "--seq", str(a.seq), "--hidden", str(a.hidden),
-               "--iters", str(a.iters), "--device", a.device, *(["--entropy"] if a.entropy else [])]
+               "--iters", str(a.iters), "--device", a.device, "--keep", str(a.keep), *(["--entropy"] if a.entropy else [])]
         r = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True)
         inter = json.loads(inter_out.read_text()) if r.returncode == 0 and inter_out.exists() else None
         if inter is None:
@@ -302,7 +340,8 @@ def main(argv=None) -> int:
         "date": DATE, "run_date": date.today().isoformat(), "machine": MACHINE, "platform": platform.platform(),
         "command": " ".join([".venv/bin/python", "benchmarks/logprobs_memory.py", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {"vocab": a.vocab, "seq": a.seq, "hidden": a.hidden, "dtype": "float32", "device": a.device,
-                     "iters": a.iters, "entropy": a.entropy, "loss": "logp.sum() (+ entropy.sum())", "grad_into": ["hidden", "W"]},
+                     "iters": a.iters, "entropy": a.entropy, "keep": a.keep,
+                     "loss": "logp.sum() over the kept tokens (+ entropy.sum())", "grad_into": ["hidden", "W"]},
         "memory_measure": "ru_maxrss - RSS before the first forward, one process per variant" if a.device == "cpu"
                           else "torch.cuda.max_memory_allocated - memory_allocated before the first forward",
         "threads": ok[0]["threads"] if ok else None, "grads_mb": ok[0]["grads_mb"] if ok else None,

@@ -5,6 +5,11 @@ Layout of `<run_dir>/checkpoints/step_000120/`:
   trainer_state.json             step, data position, scheduler, Python RNG (rank 0's view)
   rng_rank<r>.safetensors        each rank's torch (and CUDA) generator state
   model/                         config.json + tokenizer, so `grpo_fsdp.export` needs nothing else
+                                 (+ lora.json under LoRA: adapter config, base model, whether it was NF4)
+
+Under LoRA the shards hold the adapters and their optimizer state only: the frozen base is not trainer
+state, it is rebuilt from `model.path` at every start (NF4 quantization is deterministic), so resuming is
+exact and a checkpoint is megabytes.
   MANIFEST.json                  every file's size, and the sha256 of all but the big .distcp shards
   COMPLETE                       written last
 
@@ -58,7 +63,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from grpo_fsdp import distributed
 from grpo_fsdp.best_checkpoint import best_info, better, publish_best, write_latest
@@ -66,6 +71,11 @@ from grpo_fsdp.cli import UserError
 from grpo_fsdp.faults import maybe_fault
 
 MANIFEST = "MANIFEST.json"
+LORA_INFO = "lora.json"  # model/lora.json in a LoRA run's checkpoints (export.py reads it)
+# Only trainable parameters are saved: everything for a full fine-tune; the adapters alone under LoRA, whose
+# frozen base (NF4 or not) is rebuilt from model.path at every start, bit for bit (quantization is deterministic).
+TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+RESTORE = StateDictOptions(ignore_frozen_params=True, strict=False)  # DCP already refused a checkpoint lacking a key
 _STEP_DIR = re.compile(r"step_\d+")  # not step_N.partial (a torn save) nor step_N.corrupt (moved aside)
 
 # Whole modules whose classes are plain metadata records, plus single names elsewhere.
@@ -163,7 +173,7 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             partial.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINABLE)
         dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(str(partial)))
         maybe_fault("during_checkpoint_write", step)
         save_file(_rng_tensors(), str(partial / f"rng_rank{rank}.safetensors"))
@@ -172,6 +182,8 @@ class Checkpointer:
             (partial / "trainer_state.json").write_text(json.dumps(state.__dict__))
             hf_config.save_pretrained(partial / "model")
             tokenizer.save_pretrained(partial / "model")
+            if (lora := getattr(model, "lora_info", None)) is not None:  # what `grpo_fsdp.export` needs for the adapters
+                (partial / "model" / LORA_INFO).write_text(json.dumps(lora, indent=1))
         dist.barrier()
         if rank == 0:
             write_manifest(partial)  # every rank's files are in place (barrier above)
@@ -197,7 +209,7 @@ class Checkpointer:
         problem = distributed.broadcast_object(verify(path) if dist.get_rank() == 0 else None)
         if problem is not None:
             raise UserError(f"checkpoint {path} is unusable: {problem}")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINABLE)
         state = {"model": model_sd, "optim": optim_sd}
         error = None
         try:
@@ -209,7 +221,7 @@ class Checkpointer:
         dist.all_gather_object(errors, error)  # DCP gathers its own errors; this covers anything else
         if error := next((e for e in errors if e is not None), None):
             raise UserError(f"checkpoint {path} is unusable: reading its model/optimizer shards failed: {error}")
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=RESTORE)
         meta = _read_trainer_state(path)
         scheduler.load_state_dict(meta.scheduler)
         random.setstate(_to_tuples(meta.python_rng))

@@ -29,11 +29,12 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 @dataclass
 class LoraConfig:
-    enabled: bool = False  # not built yet (issue 14): dry_run=true plans it (memory estimate); a run is refused
-    rank: int = 16  # read by the dry-run estimate; alpha/dropout arrive with the LoRA module (issue 14)
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    enabled: bool = False  # LoRA adapters on the decoder's linears, every base weight frozen (lora.py)
+    rank: int = 16  # r
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input only
+    # last names of the linears to adapt (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), or [all-linear]
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @dataclass
@@ -51,7 +52,7 @@ class HardwareConfig:
     attn_implementation: str = "sdpa"  # flash_attention_2 | sdpa | eager
     # GRPO training micro-batches (the shared-prefix layout): auto | sdpa | flex | fa2_varlen (grpo_attention.py)
     grpo_attention: str = "auto"
-    load_in_4bit: bool = False  # NF4 base weights under LoRA; not built yet (issue 14), like lora.enabled
+    load_in_4bit: bool = False  # NF4 base weights under LoRA (torchao, quant.py); needs lora.enabled
     lora: LoraConfig = field(default_factory=LoraConfig)
     vllm_memory_share: float = 0.3  # colocated vLLM's gpu_memory_utilization (weights + KV cache), the rest is the trainer's
     vllm_kv_cache_gib: float = 0.0  # vLLM's KV cache in GiB instead of the share (on CPU, where the share is of host RAM)
@@ -112,7 +113,7 @@ class ArithmeticConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "arithmetic"  # arithmetic | gsm8k | math | math500
+    name: str = "arithmetic"  # arithmetic | gsm8k | math | math500 | preference | preference_arithmetic (DPO pairs)
     path: str = ""  # local JSONL file or directory holding <split>.jsonl; empty: hub_id
     hub_id: str = ""
     hub_config: str = ""
@@ -124,10 +125,11 @@ class DataConfig:
     instruction: str = INSTRUCTION  # appended to every question (training, rollouts, evaluation); "" for none
     # GRPO prompt order. none: shuffled epochs. sent: low -> high semantic entropy (arXiv 2512.04359) from
     # curriculum_file (python -m grpo_fsdp.curriculum writes it), in curriculum_stages stages, shuffled within each
-    curriculum: str = "none"  # none | sent
+    curriculum: str = "none"  # none | sent | auto (sent, computing curriculum_file first when it is missing)
     curriculum_file: str = ""
     curriculum_stages: int = 4
     curriculum_drop_solved: bool = False  # leave out prompts whose samples all agree (H = 0: no GRPO signal)
+    curriculum_samples: int = 8  # M answers per prompt when curriculum=auto computes the file (the tool's samples=)
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
 
@@ -168,6 +170,10 @@ class GRPOConfig:
     beta: float = 0.0  # KL(k3) to the reference model; the reference is loaded only when > 0
     mask_truncated: bool = False  # DAPO overlong filtering: no loss on completions cut at max_new_tokens
     filter_zero_variance: bool = False  # drop groups whose rewards are all equal (no signal)
+    # entropy-selective policy gradient (arXiv 2506.01939; algorithms/entropy_mask.py): the surrogate only on the step's
+    # ceil(q x n) highest-entropy tokens (1.0: off; the paper's 0.2), or on tokens with entropy >= a fixed threshold (0: off)
+    entropy_top_quantile: float = 1.0
+    entropy_threshold: float = 0.0
     shared_prefix: bool = True  # train each prompt once per micro-batch, its completions attending to it (shared_prefix.py)
     reward_correct: float = 1.0
     reward_format: float = 0.0
@@ -178,6 +184,26 @@ class GRPOConfig:
     reward_timeout_warn_share: float = 0.1  # console warning when timeouts pass this share of a step's answers
     reward_workers: int = 2
     constant_reward_warn_steps: int = 5
+
+
+@dataclass
+class DPOConfig:
+    """DPO and its variants on preference pairs (algorithms/dpo.py, recipes/dpo.py; data=preference or
+    data=preference_arithmetic). One step = one optimizer step of `train.global_batch_size` pairs."""
+
+    name: str = "dpo"
+    loss: str = "sigmoid"  # sigmoid (DPO) | dpo_norm (per-token means: Tulu 3, OLMo 3) | ipo | robust
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # eps: cDPO for sigmoid/dpo_norm, the flip rate of robust; in [0, 0.5)
+    sft_weight: float = 0.0  # weight of the chosen side's token-mean NLL added to the loss (RPO)
+    shared_prefix: bool = True  # each prompt once for both completions (recipes/dpo_pairs.py); false: padded rows
+    micro_batch_tokens: int = 0  # > 0: micro-batches of up to this many tokens (a rank's pairs packed) instead of train.micro_batch_size pairs
+    precompute_ref: bool = True  # reference log-probs in one pass before training, cached on disk (recipes/dpo_reference.py)
+    ref_cache_dir: str = ""  # where the cache lives; empty: <run_dir>/ref_logps (reused when model + data match)
+    ref_rows_per_shard: int = 256  # rows per cache file: the unit of resuming an interrupted precompute
+    eval_pairs: int = 0  # > 0: this many pairs of data.test_split scored at the end (eval/reward_accuracy, recipes/dpo_eval.py)
+    epochs: float = 0.0  # > 0: train.max_steps = epochs x (pairs // global_batch_size), set once the data is read
+    warmup_ratio: float = 0.0  # > 0: optim.warmup_steps = round(warmup_ratio x optimizer steps), set with the steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +288,7 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    algo: Any = MISSING  # SFTConfig (GRPO and DPO arrive as their own schemas)
+    algo: Any = MISSING  # SFTConfig | GRPOConfig | DPOConfig, picked by algo=
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -273,7 +299,7 @@ class Config:
     dry_run: bool = False  # validate, print the batch table and memory estimate, exit
 
 
-ALGO_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "grpo": GRPOConfig}
+ALGO_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "grpo": GRPOConfig, "dpo": DPOConfig}
 
 
 def register_configs() -> None:

@@ -42,14 +42,18 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init(device_type: str, timeout_s: float = 1800.0) -> Dist:
+def init(device_type: str, timeout_s: float = 1800.0, cpu_offload: bool = False) -> Dist:
     """Join (or, alone, create) the process group and build a 1-D mesh over all ranks.
 
     `timeout_s` (`hardware.collective_timeout_s`) bounds how long a collective waits for a rank that
     does not arrive. gloo raises in the waiting rank, and `cli.run_main` turns that into one line
     naming the rank that stopped answering (`peers.py`). NCCL honours it only through its watchdog,
     which aborts the communicator and ends the process when `TORCH_NCCL_ASYNC_ERROR_HANDLING` is on:
-    torchrun sets 1 for its workers, and so do we for any other launcher unless the user chose."""
+    torchrun sets 1 for its workers, and so do we for any other launcher unless the user chose.
+
+    `cpu_offload` (hardware.cpu_offload) on CUDA: the group gets a gloo backend for CPU tensors beside NCCL
+    (`cpu:gloo,cuda:nccl`, as torchtitan does), since FSDP2's offloaded shards and gradients are CPU tensors and
+    gradient clipping, `full_tensor()` and the weight sync run collectives on them."""
     rank, world = int(os.environ.get("RANK", "0")), launched_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
@@ -58,7 +62,10 @@ def init(device_type: str, timeout_s: float = 1800.0) -> Dist:
     else:
         device = torch.device("cpu")
     backend = "nccl" if device_type == "cuda" else "gloo"
-    if backend == "nccl":
+    nccl = backend == "nccl"
+    if nccl and cpu_offload:
+        backend = "cpu:gloo,cuda:nccl"
+    if nccl:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
@@ -67,7 +74,7 @@ def init(device_type: str, timeout_s: float = 1800.0) -> Dist:
         else:  # one process: an in-process store, no port to pick
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
-    peers.start(timeout_s, watch=backend == "nccl")  # heartbeats through torchrun's store: who stopped answering
+    peers.start(timeout_s, watch=nccl)  # heartbeats through torchrun's store: who stopped answering
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
 
 

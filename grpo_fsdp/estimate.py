@@ -1,57 +1,73 @@
-"""Per-device memory estimate for the dry run, from config numbers alone (nothing is loaded).
+"""Per-device memory plan for the dry run and for start-up, from config numbers alone (nothing is loaded).
 
-Inputs: `cfg.model.arch` (shapes), `cfg.hardware` (sharding, dtypes, offload, LoRA, checkpointing),
-`cfg.train` (micro-batch, log-prob chunk), `cfg.data.max_length` and the world size N.
-The model is taken to be a Qwen2-style decoder (Qwen2/Qwen2.5, DeepSeek-R1-Distill-Qwen): QKV
-projections with biases, o_proj without, SwiGLU MLP, RMSNorm. Phi-3 and Llama have no attention
-biases; `attention_bias` drops them, chosen from the model name (a few hundred thousand
-parameters either way). Phi-3's fused qkv/gate_up projections have the same parameter count.
+Inputs: `cfg.model.arch` (shapes), `cfg.hardware` (sharding, dtypes, offload, LoRA/4-bit, checkpointing),
+`cfg.train` (micro-batch, log-prob chunk), the lengths (`data.*`, GRPO's `algo.max_new_tokens`, group size)
+and the world size N. The model is taken to be a Qwen2-style decoder (Qwen2/Qwen2.5,
+DeepSeek-R1-Distill-Qwen): QKV projections with biases, o_proj without, SwiGLU MLP, RMSNorm. Phi-3 and
+Llama have no attention biases; `attention_bias` drops them, chosen from the model name.
 
 Model of FSDP2 memory (Zhao et al. 2023, "PyTorch FSDP"; Rajbhandari et al. 2020, "ZeRO"), P params:
 - weights: the sharded fp32 master copy, 4P/N, plus the gathered compute-dtype copy. With
-  `reshard_after_forward=True` (FULL_SHARD) about two blocks are gathered at once (the current one
-  and the prefetched next) plus the root module's parameters (embeddings, final norm, LM head),
-  which FSDP2 keeps gathered between forward and backward; with False (ZeRO-2-like) the whole
-  model stays gathered: c*P for a c-byte compute dtype.
-- gradients: sharded fp32, 4P/N. Optimizer: AdamW exp_avg + exp_avg_sq in fp32, 8P/N.
-- activations: see `_activation_bytes` (Korthikanti et al. 2022) plus the LM-head chunk logits.
+  `reshard_after_forward=True` (FULL_SHARD) about two blocks are gathered at once (the current one and
+  the prefetched next) plus the root module's parameters (embeddings, final norm, LM head), which FSDP2
+  keeps gathered between forward and backward; with False (ZeRO-2-like) the whole model: c*P for a
+  c-byte compute dtype.
+- gradients: sharded fp32, 4P/N; in backward the LM head's unsharded gradient, V*H*c, until the root's
+  reduce-scatter (`transient`). Optimizer: fused AdamW exp_avg + exp_avg_sq in fp32, 8P/N.
+- activations of one micro-batch (`activation_bytes`): what a Qwen2 block saves for backward, per token
+  c*(6h + 2kv + 4i) + 8h bytes (h hidden, kv the K/V width, i the MLP width; 8h: RMSNorm's fp32 upcasts),
+  counted with `saved_tensors_hooks` on a real block (tests/test_memory_plan.py). SwiGLU's wide MLP makes
+  this about twice Korthikanti et al. 2022's 34*h. With checkpointing each block keeps only its input
+  (c*h per token) and one block is recomputed in full during backward. Plus the backward's gradient
+  temporaries of one block, c*(3i + 2h) per token.
+- log-prob chunk (`logits`): the chunked LM head (logprobs.py) holds one fp32 [N, chunk x V / N] block of
+  logits, two with the entropy (GRPO's training forward asks for it), never the full [tokens, V] tensor.
 - CPU offload (FSDP2 CPUOffloadPolicy): the sharded params, grads and optimizer live in host memory
   (`cpu_bytes`); only the gathered copies stay on the device.
 - LoRA (Hu et al. 2021): base weights are frozen, so they need no fp32 master, gradient or optimizer
-  state; we assume they are stored in the compute dtype, or at 0.5 byte/param for the block linear
-  weights with 4-bit NF4 (Dettmers et al. 2023, "QLoRA"; quantisation constants ignored).
-  Adapters add r*(in+out) params per targeted module and carry fp32 weights, grads and Adam.
+  state; they are stored in the compute dtype, or for the block linear weights at 4.52 bits with NF4 and
+  double quantization (Dettmers et al. 2023, "QLoRA"; grpo_fsdp/quant.py: one int8 scale per 64 values,
+  one fp32 factor per 256 scales). Adapters add r*(in+out) params per targeted module and carry fp32
+  weights, grads and Adam. An NF4 linear dequantizes its weight to the compute dtype for each matmul (the
+  largest one, c*h*i, is counted in `transient`).
 - GRPO reference model (algo.beta > 0, `models.build_reference`): the policy's weights in the compute
-  dtype, frozen (no fp32 master, gradient or optimizer state), sharded like the policy: c*P/N, on the
-  host with CPU offload. Its gathered blocks exist only during its own forward (log-probs phase).
-- GRPO rollout engine, which holds its own unsharded copy of the weights (it does not share the
-  trainer's modules): the transformers engine (`rollout/hf.py`) builds the whole model in the compute
-  dtype, c*P; vLLM reserves `hardware.vllm_memory_share` of the device (weights + KV cache). While the
+  dtype, frozen, sharded like the policy: c*P/N, on the host with CPU offload.
+- GRPO rollout engine: the transformers engine (`rollout/hf.py`) holds its own unsharded copy in the
+  compute dtype, c*P, plus its KV cache, 2 * layers * kv * c bytes per position for every sequence
+  decoded together (`rollout.max_batch_size`, default the rank's prompts x G) at prompt + completion
+  length; vLLM reserves `hardware.vllm_memory_share` of the device (weights + KV cache). While the
   trainer works the engine sleeps (level 1 parks the weights in host memory, 2 drops them; on a CPU
-  device level 1 keeps them in place), so a GRPO step has two peaks: training (weights, gradients,
-  optimizer, activations, reference) and generation (the trainer's shards and optimizer state, the
-  reference, the engine). `total` is the larger.
+  device level 1 keeps them in place), so a GRPO step has two peaks: training and generation.
+- On a CPU device the host is the device: rank 0 also holds the full fp32 state dict it builds or
+  reads while the shards fill (`loading`), which can be the peak of a LoRA run.
+- CUDA context (`cuda_context`): the driver's and the kernels' own memory, outside torch's allocator
+  (0.5 GiB, the seed recipe's figure); torch.cuda.max_memory_allocated never counts it. On a CPU device the
+  process's own runtime instead (`host_runtime`, 64 MiB measured: process group, data, threads).
+- Backward frees activations as it fills gradients: with one micro-batch per optimizer step the training
+  peak counts max(gradients, activations), with accumulation their sum.
 
-Not counted: CUDA context and NCCL buffers (~0.5-1 GiB), allocator fragmentation, transient
-unsharded gradients of one block before reduce-scatter, the transformers engine's KV cache, and the
-reference's gathered blocks during its forward.
+`total` = max(training, generation, loading) + CUDA context (or host runtime). Not counted: NCCL buffers, allocator
+fragmentation, the reference's gathered blocks during its forward, Python objects and data.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
-from grpo_fsdp.config import ArchConfig, Config, GRPOConfig
+from grpo_fsdp.config import ArchConfig, Config, ConfigError, GRPOConfig
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # model=tiny takes its vocabulary from the project's byte-level tokenizer (vocab_size: 0): 256
 # bytes plus 3 special tokens (grpo_fsdp/tokenizer.py; a test keeps the two in step).
 TINY_VOCAB_FALLBACK = 259
-# Korthikanti et al. 2022, eq. (1): bytes of activations per token per hidden unit per layer,
-# 34*s*b*h + 5*a*s^2*b with 16-bit activations; flash/SDPA attention never stores the a*s^2 scores.
-KORTHIKANTI_BYTES_PER_TOKEN_HIDDEN = 34
-NF4_BYTES = 0.5
+# NF4 with double quantization (quant.py): 4 bits, one int8 scale per 64 values, one fp32 factor per 256 scales.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+CUDA_CONTEXT_BYTES = GIB // 2
+# A CPU device's own runtime beside the tensors: the process group, the data and its tokens, the autograd and
+# OpenMP threads. Measured: a GRPO step of a 0.5 M-parameter model grows the RSS by 62 MiB after the imports.
+HOST_RUNTIME_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -125,28 +141,64 @@ def lora_param_count(arch: ArchConfig, rank: int, target_modules: list[str]) -> 
     return per_layer * arch.num_layers, [n for n in names if n not in shapes]
 
 
+def _targeted_linear(arch: ArchConfig, target_modules: list[str]) -> int:
+    """Weight params of one block's LoRA-targeted linears (what NF4 quantizes)."""
+    shapes = lora_module_shapes(arch)
+    return sum(i * o for name, (i, o) in shapes.items() if "all-linear" in target_modules or name in target_modules)
+
+
 def _attention_bias(model_name: str) -> bool:
     # Qwen2-family checkpoints have q/k/v biases; Phi-3 and Llama-family do not.
     return not model_name.lower().startswith(("phi", "llama"))
 
 
-def _activation_bytes(cfg: Config, vocab: int) -> int:
-    """Activations of one micro-batch (micro_batch_size x data.max_length tokens, padded)."""
-    arch, hw, c = cfg.model.arch, cfg.hardware, DTYPE_BYTES[cfg.hardware.param_dtype]
-    tokens = cfg.train.micro_batch_size * cfg.data.max_length  # s*b
-    # Korthikanti et al. 2022: one layer stores ~34*s*b*h bytes with 16-bit activations (SwiGLU's
-    # wider MLP makes this a slight underestimate); scaled by c/2 for fp32 compute.
-    one_layer = KORTHIKANTI_BYTES_PER_TOKEN_HIDDEN * tokens * arch.hidden_size * c // 2
-    if hw.activation_checkpointing:
-        # Saved block inputs (s*b*h*c per layer) plus one block recomputed in full during backward.
-        blocks = arch.num_layers * tokens * arch.hidden_size * c + one_layer
-    else:
-        blocks = arch.num_layers * one_layer
-    # Chunked LM head (logprobs.py): in its backward, a chunk's fp32 logits, their softmax and the logits'
-    # gradient, about 4 copies of [chunk, V] (measured 3.9 at V = 151,665, benchmarks/logprobs_memory.py);
-    # never the full [tokens, V] tensor.
-    chunk = min(cfg.train.logprob_chunk_size, tokens)
-    return blocks + chunk * vocab * 4 * 4
+def micro_batch_tokens(cfg: Config) -> tuple[int, int]:
+    """(tokens through the network, tokens scored by the LM head) of one training micro-batch, at full length.
+
+    GRPO with the shared-prefix layout (shared_prefix.py) runs each prompt once per micro-batch: the
+    micro-batch of m completions spans ceil(m / G) prompts of data.max_prompt_length tokens plus m
+    completions of algo.max_new_tokens; padded rows repeat the prompt. SFT rows are data.max_length long.
+    """
+    m, d = cfg.train.micro_batch_size, cfg.data
+    if isinstance(cfg.algo, GRPOConfig):
+        g = cfg.algo
+        prompts = -(-m // g.group_size) if g.shared_prefix else m
+        return prompts * d.max_prompt_length + m * g.max_new_tokens, m * g.max_new_tokens
+    return m * d.max_length, m * d.max_length
+
+
+def block_saved_bytes(arch: ArchConfig, c: int, tokens: int) -> int:
+    """What one Qwen2 block saves for backward over `tokens` tokens in a c-byte compute dtype: h-wide tensors
+    (the norms' outputs, q, the attention output), k and v, four i-wide MLP tensors (gate, SiLU, up, their
+    product) and the RMSNorms' fp32 upcasts; tests/test_memory_plan.py counts them with saved_tensors_hooks."""
+    h, i, kv = arch.hidden_size, arch.intermediate_size, _kv_dim(arch)
+    return tokens * (c * (6 * h + 2 * kv + 4 * i) + 8 * h)
+
+
+def activation_bytes(arch: ArchConfig, c: int, tokens: int, checkpointing: bool) -> int:
+    """Activations one micro-batch of `tokens` keeps for backward at its peak (module docstring), blocks only."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    block = block_saved_bytes(arch, c, tokens)
+    grads = tokens * c * (3 * i + 2 * h)  # gradient temporaries of the block in backward
+    saved = arch.num_layers * tokens * h * c + block if checkpointing else arch.num_layers * block
+    head_side = tokens * (4 * h + 2 * c * h)  # final norm (fp32 upcast, output), the head's [tokens, h] input
+    return saved + grads + head_side
+
+
+def logits_bytes(vocab: int, chunk_size: int, scored: int, entropy: bool) -> int:
+    """The chunked head's fp32 logits block(s): min(chunk, scored) x V, twice with the entropy (logprobs.py)."""
+    return min(chunk_size, scored) * vocab * 4 * (2 if entropy else 1)
+
+
+def kv_cache_bytes(cfg: Config, world_size: int) -> int:
+    """The transformers engine's KV cache (rollout/kv_cache.py): every sequence decoded together, full length."""
+    if not isinstance(cfg.algo, GRPOConfig):
+        return 0
+    arch, g = cfg.model.arch, cfg.algo
+    c = DTYPE_BYTES[cfg.hardware.param_dtype]
+    rows = g.prompts_per_step // world_size * g.group_size
+    rows = min(rows, cfg.rollout.max_batch_size) if cfg.rollout.max_batch_size else rows
+    return 2 * arch.num_layers * _kv_dim(arch) * c * rows * (cfg.data.max_prompt_length + g.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -156,8 +208,8 @@ class MemoryEstimate:
     weights: int
     gradients: int
     optimizer: int
-    activations: int
-    total: int  # on the device, the peak of the two phases: max(training, generation)
+    activations: int  # decoder blocks (+ the head's input), one micro-batch
+    total: int  # the peak: max(training, generation, loading) + CUDA context
     cpu_bytes: int  # host memory per rank, used by CPU offload
     params: int
     trainable_params: int
@@ -165,9 +217,22 @@ class MemoryEstimate:
     notes: tuple[str, ...] = ()
     hints: tuple[str, ...] = ()  # overrides that would lower the total, shown when it does not fit
     reference: int = 0  # GRPO with algo.beta > 0: the frozen reference model's shard on the device
-    engine: int = 0  # GRPO: the rollout engine on the device while it generates
-    training: int = 0  # weights + gradients + optimizer + activations + reference (+ an engine that stays awake)
-    generation: int = 0  # GRPO: the trainer's shards and optimizer state + reference + engine; 0 without rollouts
+    engine: int = 0  # GRPO: the rollout engine on the device while it generates (weights + KV cache)
+    training: int = 0  # weights + gradients + optimizer + activations + logits + transient + reference (+ awake engine)
+    generation: int = 0  # GRPO: the trainer's resident shards and optimizer state + reference + engine; 0 without
+    logits: int = 0  # the LM head's fp32 logits block(s) of one micro-batch
+    transient: int = 0  # unsharded LM-head gradient in backward (full fine-tune), NF4 dequantized weight (4-bit)
+    kv_cache: int = 0  # the transformers engine's KV cache, part of `engine`
+    base_weights: int = 0  # LoRA: the frozen base on the device (4-bit or compute dtype), part of `weights`
+    adapters: int = 0  # LoRA: the adapters on the device (fp32 shards + gathered copies), part of `weights`
+    loading: int = 0  # CPU device: rank 0's full state dict + the shards while loading
+    cuda_context: int = 0  # CUDA device: outside torch's allocator
+    host_runtime: int = 0  # CPU device: the process's own memory beside the tensors (HOST_RUNTIME_BYTES)
+
+    @property
+    def host_total(self) -> int:
+        """A CPU device's peak host memory (the plan's total); with CUDA, the host's share: offloaded state."""
+        return self.cpu_bytes if self.cuda_context else self.total
 
 
 def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None) -> MemoryEstimate:
@@ -182,26 +247,46 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
         notes.append(f"vocab size taken as {vocab} (tokenizer not loaded)")
 
     gathered_layers = min(2, pb.num_layers) if hw.reshard_after_forward else pb.num_layers
+    transient = 0
+    nf4_resident = 0
     if hw.lora.enabled:
         lora, skipped = lora_param_count(arch, hw.lora.rank, hw.lora.target_modules)
         if skipped:
             notes.append(f"LoRA targets not counted: {', '.join(skipped)}")
         lora_layer = lora // pb.num_layers  # exact: lora_param_count sums identical layers
-        base_linear_bytes = NF4_BYTES if hw.load_in_4bit else c
-        base_layer_bytes = pb.layer_linear * base_linear_bytes + pb.layer_other * c
-        layer_bytes = base_layer_bytes + lora_layer * c  # gathered adapters run in compute dtype
+        # quant.py quantizes the LoRA targets' weights; every other base weight is frozen in the compute dtype
+        nf4_layer = _targeted_linear(arch, hw.lora.target_modules) if hw.load_in_4bit else 0
+        nf4_bytes = nf4_layer * NF4_BYTES
+        plain_layer_bytes = (pb.layer_linear - nf4_layer + pb.layer_other) * c
+        if hw.load_in_4bit and n == 1:  # parallelize.nf4_left_out: on one rank FSDP leaves NF4 weights on the device
+            nf4_resident, layer_base = pb.num_layers * nf4_bytes, plain_layer_bytes
+        else:
+            layer_base = plain_layer_bytes + nf4_bytes
+        if hw.load_in_4bit and nf4_layer < pb.layer_linear:
+            notes.append(f"NF4 holds the LoRA targets' weights ({_count(nf4_layer * pb.num_layers)} params); the other "
+                         f"block linears stay in {hw.param_dtype} ({_gib((pb.layer_linear - nf4_layer) * pb.num_layers * c)})")
         root_bytes = pb.root * c
-        # Frozen base sharded in its storage format; adapters keep an fp32 master copy.
-        sharded = (pb.num_layers * base_layer_bytes + root_bytes) / n + 4 * lora / n
+        base_sharded = (pb.num_layers * layer_base + root_bytes) / n  # frozen base in its storage format
+        adapter_sharded = 4 * lora / n  # fp32 master copy
+        sharded = base_sharded + adapter_sharded
+        base_gathered = gathered_layers * layer_base + root_bytes + nf4_resident
+        adapter_gathered = gathered_layers * lora_layer * c  # gathered adapters run in the compute dtype
+        layer_bytes = layer_base + lora_layer * c
         trainable = lora
+        if hw.load_in_4bit:  # linear_nf4 dequantizes the weight for each matmul: the largest targeted one
+            transient = max(i * o for name, (i, o) in lora_module_shapes(arch).items()
+                            if "all-linear" in hw.lora.target_modules or name in hw.lora.target_modules) * c
     else:
         layer_bytes, root_bytes = pb.per_layer * c, pb.root * c
         sharded = 4 * p / n  # fp32 master parameters
         trainable = p
-    gathered = gathered_layers * layer_bytes + root_bytes
+        transient = vocab * arch.hidden_size * c  # the LM head's unsharded gradient until the root reduce-scatters
+    gathered = gathered_layers * layer_bytes + root_bytes + nf4_resident
     gradients = 4 * trainable / n  # fp32 reduce-scattered gradients (reduce_dtype float32)
     optimizer = 8 * trainable / n  # AdamW exp_avg + exp_avg_sq, fp32
-    activations = _activation_bytes(cfg, vocab)
+    tokens, scored = micro_batch_tokens(cfg)
+    activations = activation_bytes(arch, c, tokens, hw.activation_checkpointing)
+    logits = logits_bytes(vocab, cfg.train.logprob_chunk_size, scored, isinstance(cfg.algo, GRPOConfig))
 
     cpu = 0
     if hw.cpu_offload:
@@ -209,8 +294,14 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
         weights, gradients, optimizer = gathered, 0, 0
     else:
         weights = sharded + gathered
+    if hw.lora.enabled:
+        on_device = 0 if hw.cpu_offload else 1
+        base_w, adapters_w = base_gathered + on_device * base_sharded, adapter_gathered + on_device * adapter_sharded
+    else:
+        base_w = adapters_w = 0
 
-    reference, engine, engine_awake, resident = 0, 0, 0, (0 if hw.cpu_offload else sharded + optimizer)
+    reference, engine, kv, engine_awake = 0, 0, 0, 0
+    resident = nf4_resident + (0 if hw.cpu_offload else sharded + optimizer)  # what stays on the device while generating
     if isinstance(cfg.algo, GRPOConfig):
         if cfg.algo.beta > 0:  # models.build_reference: compute dtype, frozen, sharded like the policy
             reference = c * p / n
@@ -218,14 +309,34 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
                          + (", on the host (CPU offload)" if hw.cpu_offload else ""))
             if hw.cpu_offload:
                 cpu, reference = cpu + reference, 0
-        engine, note = _engine_bytes(cfg, c * p)
+        kv = kv_cache_bytes(cfg, n)
+        engine, asleep, note = _engine_bytes(cfg, c * p, kv)
         notes.append(note)
         if hw.device != "cuda" and (cfg.rollout.sleep_level == 1 or cfg.rollout.engine == "vllm"):
-            engine_awake = engine  # a CPU engine stays while training: sleep(1) keeps weights in place, vLLM ignores sleep
-    training = weights + gradients + optimizer + activations + reference + engine_awake
-    generation = resident + reference + engine if engine else 0
+            engine_awake = asleep  # a CPU engine keeps its weights while training (the KV cache is freed)
+    parts = [round(x) for x in (weights, gradients, optimizer, activations)]
+    # Backward frees activations as it fills gradients: with one micro-batch per optimizer step the two peak at
+    # different moments (activations at its start, gradients at its end); with accumulation the gradients of the
+    # earlier micro-batches are there for the whole backward of the next one.
+    step_work = activations + logits + transient
+    accumulates = cfg.train.global_batch_size > cfg.train.micro_batch_size * n  # more than one micro-batch per rank
+    grads_and_work = gradients + step_work if accumulates else max(gradients, step_work)
+    training = round(weights + optimizer + grads_and_work + reference + engine_awake)
+    generation = round(resident + reference + engine) if engine else 0
+    # A CPU device is the host: rank 0 builds (or reads) the full fp32 model beside the shards it fills.
+    loading = 4 * p + round(sharded) if hw.device != "cuda" else 0
+    context, runtime = (CUDA_CONTEXT_BYTES, 0) if hw.device == "cuda" else (0, HOST_RUNTIME_BYTES)
+    return MemoryEstimate(
+        *parts, total=max(training, generation, loading) + context + runtime, cpu_bytes=round(cpu), params=p,
+        trainable_params=trainable, world_size=n, notes=tuple(notes), hints=tuple(_hints(cfg)), reference=round(reference),
+        engine=round(engine), training=training, generation=generation, logits=logits, transient=round(transient),
+        kv_cache=kv if engine else 0, base_weights=round(base_w), adapters=round(adapters_w), loading=loading,
+        cuda_context=context, host_runtime=runtime,
+    )  # fmt: skip
 
-    hints = []
+
+def _hints(cfg: Config) -> list[str]:
+    hw, hints = cfg.hardware, []
     if not hw.activation_checkpointing:
         hints.append("hardware.activation_checkpointing=true")
     if cfg.train.micro_batch_size > 1:
@@ -236,21 +347,15 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
         hints.append("hardware.cpu_offload=true")
     if not hw.lora.enabled:
         hints.append("hardware.lora.enabled=true")
-
-    parts = [round(x) for x in (weights, gradients, optimizer, activations)]
-    training, generation = sum(parts) + round(reference) + round(engine_awake), round(generation)
-    return MemoryEstimate(
-        *parts, total=max(training, generation), cpu_bytes=round(cpu), params=p, trainable_params=trainable,
-        world_size=n, notes=tuple(notes), hints=tuple(hints), reference=round(reference), engine=round(engine),
-        training=training, generation=generation,
-    )  # fmt: skip
+    return hints
 
 
-def _engine_bytes(cfg: Config, weights: float) -> tuple[float, str]:
-    """Device bytes of the GRPO rollout engine while it generates, and a note that says what was counted.
-
-    `weights` is one unsharded copy in the compute dtype. rollout.engine=auto resolves only at start-up
-    (vLLM where it imports, as in docker/, else transformers), so it counts the larger of the two.
+def _engine_bytes(cfg: Config, weights: float, kv: int) -> tuple[float, float, str]:
+    """Device bytes of the GRPO rollout engine while it generates, what of it a CPU engine keeps while the
+    trainer works (sleep level 1 does nothing there; the transformers engine's KV cache lives one call), and
+    a note that says what was counted. `weights` is one unsharded copy in the compute dtype.
+    rollout.engine=auto resolves only at start-up (vLLM where it imports, as in docker/, else transformers),
+    so it counts the larger of the two.
     """
     hw, kind = cfg.hardware, cfg.rollout.engine
     if hw.device == "cuda" and hw.gpu_memory_gib > 0:
@@ -259,52 +364,170 @@ def _engine_bytes(cfg: Config, weights: float) -> tuple[float, str]:
     else:  # vLLM on the CPU: its copy of the weights and the fixed hardware.vllm_kv_cache_gib
         vllm = weights + hw.vllm_kv_cache_gib * GIB
         vllm_note = f"vLLM holds its {hw.param_dtype} weights and a {hw.vllm_kv_cache_gib:g} GiB KV cache ({_gib(vllm)})"
-    hf_note = (f"the transformers engine holds its own unsharded {hw.param_dtype} copy of the weights ({_gib(weights)}; "
-               "its KV cache is not counted)")
+    hf = weights + kv
+    hf_note = (f"the transformers engine holds its own unsharded {hw.param_dtype} copy of the weights ({_gib(weights)}) "
+               f"and a KV cache of {_gib(kv)}")
     asleep = "asleep while training (rollout.sleep_level=1 parks the weights in host memory, 2 drops them)"
     if kind == "hf":
-        return weights, f"rollout engine: {hf_note}, {asleep}"
+        return hf, weights, f"rollout engine: {hf_note}, {asleep}"
     if kind == "vllm":
-        return vllm, f"rollout engine: {vllm_note}, {asleep}"
-    return max(weights, vllm), f"rollout engine (auto, the larger is counted): {vllm_note}; {hf_note}; {asleep}"
+        return vllm, vllm, f"rollout engine: {vllm_note}, {asleep}"
+    return (max(hf, vllm), weights if hf >= vllm else vllm,
+            f"rollout engine (auto, the larger is counted): {vllm_note}; {hf_note}; {asleep}")
 
 
 def _gib(x: float) -> str:
-    return f"{x / GIB:.2f} GiB"
+    return f"{x / GIB:.2f} GiB" if x >= GIB / 2 else f"{x / 2**20:.1f} MiB"
 
 
 def _count(x: int) -> str:
     return f"{x / 1e9:.2f} B" if x >= 1e8 else f"{x / 1e6:.2f} M"
 
 
-def format_table(est: MemoryEstimate, gpu_memory_gib: float) -> str:
-    """GiB per component and in total, and whether it fits a device of `gpu_memory_gib` (if > 0)."""
-    rows = [
-        ("parameters", f"{_count(est.params)} (trainable {_count(est.trainable_params)})"),
-        ("world size", str(est.world_size)),
-        ("weights", _gib(est.weights)),
-        ("gradients", _gib(est.gradients)),
-        ("optimizer", _gib(est.optimizer)),
-        ("activations", _gib(est.activations)),
-    ]
+def plan_rows(est: MemoryEstimate, cfg: Config | None = None) -> list[tuple[str, str]]:
+    """(label, value) rows of the plan, in print order (see `format_table`)."""
+    rows = [("parameters", f"{_count(est.params)} (trainable {_count(est.trainable_params)})"),
+            ("world size", str(est.world_size))]
+    if est.base_weights or est.adapters:
+        fmt = "4-bit NF4" if cfg is not None and cfg.hardware.load_in_4bit else "frozen"
+        rows += [(f"base weights ({fmt})", _gib(est.base_weights)), ("adapters (fp32 + gathered)", _gib(est.adapters))]
+    else:
+        rows.append(("weights", _gib(est.weights)))
+    host = " (sharded state on the host: CPU offload)" if est.cpu_bytes else ""
+    rows += [("gradients", _gib(est.gradients) + (host if not est.gradients else "")),
+             ("optimizer", _gib(est.optimizer) + (host if not est.optimizer else ""))]
+    what = "activations"
+    if cfg is not None:
+        tokens, _ = micro_batch_tokens(cfg)
+        ac = "with" if cfg.hardware.activation_checkpointing else "without"
+        what = f"activations ({cfg.train.micro_batch_size} seq, {tokens} tokens, {ac} checkpointing)"
+    rows += [(what, _gib(est.activations)), ("log-prob chunk (fp32 logits)", _gib(est.logits))]
+    if est.transient:
+        rows.append(("transient (head grad / NF4 dequant)", _gib(est.transient)))
     if est.reference:
         rows.append(("reference model", _gib(est.reference)))
     if est.generation:  # GRPO: the engine generates while the trainer's gradients and activations are gone
-        rows += [("rollout engine", f"{_gib(est.engine)} (while generating)"), ("training phase", _gib(est.training)),
+        kv = f", KV cache {_gib(est.kv_cache)}" if est.kv_cache else ""
+        rows += [("rollout engine", f"{_gib(est.engine)} (while generating{kv})"), ("training phase", _gib(est.training)),
                  ("generation phase", _gib(est.generation))]
+    else:
+        rows.append(("training phase", _gib(est.training)))
+    if est.loading:
+        rows.append(("loading phase (full fp32 copy)", _gib(est.loading)))
+    if est.cuda_context:
+        rows.append(("CUDA context", _gib(est.cuda_context)))
+    if est.host_runtime:
+        rows.append(("host runtime (data, threads)", _gib(est.host_runtime)))
     rows.append(("total per device", _gib(est.total)))
     if est.cpu_bytes:
         rows.append(("offloaded to CPU per rank", _gib(est.cpu_bytes)))
+    return rows
+
+
+def format_table(est: MemoryEstimate, gpu_memory_gib: float, cfg: Config | None = None) -> str:
+    """The plan line by line in GiB, and whether it fits a device of `gpu_memory_gib` (if > 0)."""
+    rows = plan_rows(est, cfg)
     width = max(len(k) for k, _ in rows)
-    lines = ["memory estimate (per device)", "-" * (width + 2 + max(len(v) for _, v in rows))]
+    lines = ["memory plan (per device)", "-" * (width + 2 + max(len(v) for _, v in rows))]
     lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
     if gpu_memory_gib > 0:
         cap = gpu_memory_gib * GIB
         share = f"{est.total / cap:.0%} of {gpu_memory_gib:g} GiB"
         if est.total <= cap:
-            lines.append(f"fits: yes ({share}; CUDA context and fragmentation not counted)")
+            lines.append(f"fits: yes ({share}; allocator fragmentation not counted)")
         else:
             tip = f"; try {', '.join(est.hints)}" if est.hints else ""
             lines.append(f"fits: NO ({share}){tip}")
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
+
+
+def largest_items(est: MemoryEstimate, k: int = 3) -> list[tuple[str, int]]:
+    """The k largest items of the peak phase, largest first: what a refusal names."""
+    items = {"activations": est.activations, "log-prob chunk": est.logits, "gradients": est.gradients,
+             "optimizer": est.optimizer, "reference model": est.reference, "transient": est.transient}
+    if est.base_weights or est.adapters:
+        items.update({"base weights": est.base_weights, "adapters": est.adapters})
+    else:
+        items["weights"] = est.weights
+    if est.generation > est.training:  # the generation phase is the peak: the engine and its cache
+        items = {"rollout engine": est.engine - est.kv_cache, "KV cache": est.kv_cache, "weights": est.weights,
+                 "optimizer": est.optimizer, "reference model": est.reference}
+    return sorted(((n, v) for n, v in items.items() if v > 0), key=lambda x: -x[1])[:k]
+
+
+# ------------------------------------------------------------------------------------------------
+# A plan over the device: which items are largest, and overrides that make it fit
+# ------------------------------------------------------------------------------------------------
+def _set(cfg: Config, dotted: str, value) -> Config:
+    """A copy of `cfg` with one dotted field replaced (the typed dataclasses, not Hydra)."""
+    out = copy.deepcopy(cfg)
+    *path, leaf = dotted.split(".")
+    node = out
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, leaf, value)
+    return out
+
+
+def _moves(cfg: Config, world_size: int) -> list[tuple[str, object]]:
+    """Single changes that lower the plan without changing what is learned (same batch, same lengths), then
+    (last) shorter completions. A micro-batch is halved only while it still divides the per-rank batch."""
+    hw, t, moves = cfg.hardware, cfg.train, []
+    if not hw.activation_checkpointing:
+        moves.append(("hardware.activation_checkpointing", True))
+    m = t.micro_batch_size
+    if m > 1 and m % 2 == 0 and t.global_batch_size % (m // 2 * world_size) == 0:
+        moves.append(("train.micro_batch_size", m // 2))
+    if t.logprob_chunk_size >= 128:
+        moves.append(("train.logprob_chunk_size", t.logprob_chunk_size // 2))
+    if not hw.cpu_offload:
+        moves.append(("hardware.cpu_offload", True))
+    if not hw.lora.enabled:
+        moves.append(("hardware.lora.enabled", True))
+    elif not hw.load_in_4bit:
+        moves.append(("hardware.load_in_4bit", True))
+    if not hw.reshard_after_forward:
+        moves.append(("hardware.reshard_after_forward", True))
+    if isinstance(cfg.algo, GRPOConfig):
+        rows = cfg.rollout.max_batch_size or cfg.algo.prompts_per_step // world_size * cfg.algo.group_size
+        if rows > 1 and cfg.rollout.engine != "vllm":  # sequences the transformers engine decodes together: its KV cache
+            moves.append(("rollout.max_batch_size", rows // 2))
+    return moves
+
+
+def fitting_overrides(cfg: Config, world_size: int, cap_bytes: float, max_rounds: int = 24) -> tuple[list[str], int] | None:
+    """Overrides (key=value) that bring the plan under `cap_bytes`, found greedily (each round takes the single
+    move that lowers the total most), and the plan's total with them; None when no combination fits."""
+    chosen: dict[str, object] = {}
+    current, total = cfg, estimate_memory(cfg, world_size).total
+    for _ in range(max_rounds):
+        if total <= cap_bytes:
+            return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in chosen.items()], total
+        tried = [(estimate_memory(c := _set(current, k, v), world_size).total, k, v, c) for k, v in _moves(current, world_size)]
+        if not tried or (best := min(tried, key=lambda x: x[0]))[0] >= total:
+            return None
+        total, key, value, current = best
+        chosen[key] = value
+    return None
+
+
+def check_fits(cfg: Config, world_size: int) -> None:
+    """Refuse (`ConfigError`, one line) a CUDA plan over `hardware.gpu_memory_gib`: the largest items and an
+    override that fits. Nothing to check on a CPU device or without a device size."""
+    hw = cfg.hardware
+    if hw.device != "cuda" or hw.gpu_memory_gib <= 0:
+        return
+    cap = hw.gpu_memory_gib * GIB
+    est = estimate_memory(cfg, world_size)
+    if est.total <= cap:
+        return
+    largest = ", ".join(f"{name} {_gib(v)}" for name, v in largest_items(est))
+    problem = f"the memory plan needs {_gib(est.total)} per device, over {hw.gpu_memory_gib:g} GiB (largest: {largest})"
+    found = fitting_overrides(cfg, world_size, cap)
+    if found:
+        fix = f"try {' '.join(found[0])} (plan {_gib(found[1])})"
+    else:
+        fix = "lower algo.group_size, algo.max_new_tokens or data.max_prompt_length"
+    raise ConfigError("hardware.gpu_memory_gib", problem,
+                      f"{fix}, or set hardware.gpu_memory_gib to the device's real size (dry_run=true prints the plan)")

@@ -28,6 +28,19 @@ For target t_i of token i, with z = (h W^T + b) / T and p = softmax(z):
     H_i        = -sum_j p_j log p_j               d/dz_j = -p_j (log p_j + H_i)
 
 and dz/d(hW^T + b) = 1/T. Hidden and bias gradients accumulate in fp32 and are cast once.
+
+Backward takes only the tokens whose upstream gradient is not exactly 0: under the entropy mask
+(algo.entropy_top_quantile, algorithms/entropy_mask.py; issue 16) the dropped tokens' log-probs get
+a zero gradient when no KL term reads them, so the head's backward (three matmuls of N x V x H per
+step: the logits' recompute, grad_h, grad_w) shrinks to the kept fraction of N, exactly (tested by
+counting FLOPs). Zero-advantage and clipped tokens are skipped the same way.
+
+`fused_token_loss` (issue 13 item 3) is the other pattern, for a loss that is a sum of per-token terms of
+each token's own log-prob (GRPO's token-level ratio and k3 KL are; GSPO's sequence ratio is not): the
+caller's per-token gradient is applied in forward, chunk by chunk of tokens (Liger's fused linear
+cross-entropy), so the logits are computed once: 3 matmuls instead of 4, at the price of an fp32
+[V, H] gradient accumulator held from forward to backward. Measured in benchmarks/logprobs_memory.py
+(variants f<n>); the GRPO recipe does not use it yet.
 """
 
 from __future__ import annotations
@@ -110,46 +123,71 @@ class _BlockedHead(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        N, V = hidden.shape[0], weight.shape[0]
         use_ent = ctx.with_entropy and g_ent is not None
         # dz/d(hW^T + b) = 1/T, folded into the upstream gradients (every term is linear in them)
         g = lse.new_zeros(lse.shape) if g_logp is None else g_logp.float() / ctx.temperature
         ge = g_ent.float() / ctx.temperature if use_ent else None
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
-        grad_b = torch.empty(V, dtype=torch.float32, device=weight.device) if need_b else None
-        h32 = hidden.float()
-        c = _block_columns(N, V, ctx.chunk_size)
-        buf = torch.empty(N * c, dtype=torch.float32, device=hidden.device)
-        buf2 = torch.empty_like(buf) if use_ent else None
-        rows = torch.arange(N, device=hidden.device)
-        for lo in range(0, V, c):
-            hi = min(lo + c, V)
-            w_blk = weight[lo:hi]
-            logq = _logits_into(_block(buf, N, hi - lo), hidden, w_blk, None if bias is None else bias[lo:hi],
-                                ctx.temperature).sub_(lse[:, None])  # [N, c] log p
-            if use_ent:  # dz = -p (g + ge (log p + H)) + g 1[j = t]
-                p = torch.exp(logq, out=_block(buf2, N, hi - lo))
-                dz = p.mul_(logq.add_(ent[:, None]).mul_(ge[:, None]).add_(g[:, None])).neg_()
-            else:  # dz = -g p + g 1[j = t]
-                dz = logq.exp_().mul_(-g[:, None])
-            inside = (targets >= lo) & (targets < hi)
-            dz.index_put_((rows[inside], targets[inside] - lo), g[inside], accumulate=True)
-            if need_h:
-                if weight.dtype == torch.float32:
-                    grad_h.addmm_(dz, w_blk)
-                else:
-                    grad_h.add_(dz.to(weight.dtype) @ w_blk)
-            if need_w:  # written once per row block, from all N tokens
-                if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
-                    torch.mm(dz.t(), h32, out=grad_w[lo:hi])
-                else:
-                    grad_w[lo:hi] = (dz.t() @ h32).to(weight.dtype)
-            if need_b:
-                grad_b[lo:hi] = dz.sum(0)
-        grad_h = grad_h.to(hidden.dtype) if need_h else None
+        # Rows whose upstream gradients are all exactly 0 add nothing to any gradient: tokens the entropy mask
+        # drops (algorithms/entropy_mask.py, when no KL term reads them), zero-advantage and clipped tokens. Only the
+        # others go through the three matmuls (the cost is one nonzero(), a device sync on CUDA, and a gather).
+        live = (g != 0) if ge is None else (g != 0) | (ge != 0)
+        rows = None if bool(live.all()) else live.nonzero().squeeze(1)
+        if rows is not None:
+            hidden_live, targets, lse, g = hidden[rows], targets[rows], lse[rows], g[rows]
+            ent, ge = (ent[rows], ge[rows]) if use_ent else (ent, ge)
+        else:
+            hidden_live = hidden
+        grad_h, grad_w, grad_b = _backward_blocks(hidden_live, weight, bias, targets, lse, ent, g, ge, ctx.chunk_size,
+                                                  ctx.temperature, need_h, need_w, need_b)
+        if need_h and rows is not None:
+            grad_h = hidden.new_zeros(hidden.shape).index_copy_(0, rows, grad_h)
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _backward_blocks(hidden, weight, bias, targets, lse, ent, g, ge, chunk_size, temperature, need_h, need_w, need_b):
+    """The head's gradients from N rows' upstream gradients g (of log p, / T) and ge (of H, / T, or None).
+
+    -> (grad_h [N, H] in hidden's dtype | None, grad_w [V, H] in weight's dtype | None, grad_b [V] fp32 | None).
+    Three [N, c] x [c, H]-sized matmuls per vocabulary block: the logits' recompute, grad_h and grad_w.
+    """
+    N, V = hidden.shape[0], weight.shape[0]
+    grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+    grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+    grad_b = torch.empty(V, dtype=torch.float32, device=weight.device) if need_b else None
+    if N == 0:  # no live row: every gradient is exactly 0
+        return (None if grad_h is None else grad_h.to(hidden.dtype)), (None if grad_w is None else grad_w.zero_()), \
+            (None if grad_b is None else grad_b.zero_())
+    h32 = hidden.float()
+    c = _block_columns(N, V, chunk_size)
+    buf = torch.empty(N * c, dtype=torch.float32, device=hidden.device)
+    buf2 = torch.empty_like(buf) if ge is not None else None
+    rows = torch.arange(N, device=hidden.device)
+    for lo in range(0, V, c):
+        hi = min(lo + c, V)
+        w_blk = weight[lo:hi]
+        logq = _logits_into(_block(buf, N, hi - lo), hidden, w_blk, None if bias is None else bias[lo:hi],
+                            temperature).sub_(lse[:, None])  # [N, c] log p
+        if ge is not None:  # dz = -p (g + ge (log p + H)) + g 1[j = t]
+            p = torch.exp(logq, out=_block(buf2, N, hi - lo))
+            dz = p.mul_(logq.add_(ent[:, None]).mul_(ge[:, None]).add_(g[:, None])).neg_()
+        else:  # dz = -g p + g 1[j = t]
+            dz = logq.exp_().mul_(-g[:, None])
+        inside = (targets >= lo) & (targets < hi)
+        dz.index_put_((rows[inside], targets[inside] - lo), g[inside], accumulate=True)
+        if need_h:
+            if weight.dtype == torch.float32:
+                grad_h.addmm_(dz, w_blk)
+            else:
+                grad_h.add_(dz.to(weight.dtype) @ w_blk)
+        if need_w:  # written once per row block, from all N tokens
+            if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
+                torch.mm(dz.t(), h32, out=grad_w[lo:hi])
+            else:
+                grad_w[lo:hi] = (dz.t() @ h32).to(weight.dtype)
+        if need_b:
+            grad_b[lo:hi] = dz.sum(0)
+    return (grad_h.to(hidden.dtype) if need_h else None), grad_w, grad_b
 
 
 def chunked_token_logprobs(
@@ -174,3 +212,65 @@ def chunked_token_logprobs(
     else:
         logp, ent, _ = _forward_blocks(hidden, weight, bias, targets, chunk_size, temperature, with_entropy)
     return logp, (ent if with_entropy else None)
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Liger's pattern: the loss's gradient is known per token in forward, so each token chunk's [c, V] logits are
+    computed once and turned into grad_h and grad_W on the spot (3 matmuls of N x V x H in all, as full logits;
+    the blocked head above needs 4 since its upstream gradient arrives only in backward)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, temperature: float, token_grad):
+        N = hidden.shape[0]
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # one fp32 [V, H] accumulator
+        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=weight.device)
+        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for lo in range(0, N, chunk_size):
+            hi = min(lo + chunk_size, N)
+            h, t = hidden[lo:hi], targets[lo:hi]
+            z = torch.nn.functional.linear(h, weight, bias).float()  # [c, V], the only buffer of size V
+            if temperature != 1.0:
+                z.div_(temperature)
+            z_t, m = z.gather(-1, t[:, None]).squeeze(-1), z.amax(dim=-1)
+            e = z.sub_(m[:, None]).exp_()  # exp(z - m), in place: one exp per logit
+            total = e.sum(dim=-1)
+            lp = z_t - m - total.log()  # log p(t) = z_t - logsumexp(z)
+            with torch.enable_grad():  # forward runs under no_grad; token_grad may use autograd on its [c] terms
+                part, g = token_grad(lp, lo, hi)  # this chunk's loss and d loss / d logp, [c]
+            loss += part
+            logp[lo:hi] = lp
+            g = g.float() / temperature
+            dz = e.mul_((-g / total)[:, None])  # -g p, still in the logits' buffer
+            dz[torch.arange(hi - lo, device=dz.device), t] += g
+            grad_h[lo:hi] = dz @ weight if weight.dtype == torch.float32 else dz.to(weight.dtype) @ weight  # no fp32 copy of W
+            grad_w.addmm_(dz.t(), h.float())
+            if grad_b is not None:
+                grad_b += dz.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    def backward(ctx, g_loss, g_logp):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        dh, dw, db = ctx.dtypes
+        # in place: a second fp32 [V, H] buffer would double the head's peak (backward runs once: retain_graph unsupported)
+        return (grad_h.mul_(g_loss).to(dh), grad_w.mul_(g_loss).to(dw), None if grad_b is None else grad_b.mul_(g_loss).to(db),
+                None, None, None, None)
+
+
+def fused_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int, token_grad,
+                     bias: torch.Tensor | None = None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss that is a sum of per-token terms of log p(target), with its head gradients computed in forward.
+
+    hidden [N, H], weight [V, H], targets [N] -> (loss scalar with grad into hidden/weight/bias, logp [N] detached).
+    token_grad(logp_chunk [c] fp32, lo, hi) -> (that chunk's loss terms summed, their gradient in logp [c]). Holds
+    one [chunk_size, V] fp32 logits buffer and an fp32 [V, H] weight-gradient accumulator from forward to
+    backward. Separable losses only (each token's term reads its own log-prob): GRPO's token-level ratio with
+    k3 KL is; GSPO's sequence ratio is not. Issue 13 item 3: measured in benchmarks/logprobs_memory.py
+    (variant f<chunk>); not yet wired into the GRPO recipe.
+    """
+    return _FusedHeadLoss.apply(hidden, weight, bias, targets, chunk_size, temperature, token_grad)

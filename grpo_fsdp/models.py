@@ -125,14 +125,60 @@ def build_policy(cfg: ModelConfig, hw: HardwareConfig, tokenizer, dist_info, see
     attn = attention_backend(hw.attn_implementation, dist_info.device.type)
     conf = hf_config(cfg, tokenizer, attn)
     full = full_state_dict(cfg, conf, seed) if dist_info.is_main else {}
-    policy = Policy(build_on_meta(with_our_attention(conf), cfg.trust_remote_code), chunk_size, hw.grpo_attention)
-    parallelize(policy, hw, dist_info.mesh)
+    # LoRA: the frozen base is stored in the compute dtype (no fp32 master copy: it is never updated)
+    base_dtype = DTYPES[hw.param_dtype] if hw.lora.enabled else torch.float32
+    policy = Policy(build_on_meta(with_our_attention(conf), cfg.trust_remote_code, base_dtype), chunk_size, hw.grpo_attention)
     # with CPU offload the sharded parameters live on the CPU; buffers always on the compute device
-    policy.to_empty(device="cpu" if hw.cpu_offload else dist_info.device)
+    home = torch.device("cpu") if hw.cpu_offload else dist_info.device
+    if hw.lora.enabled:
+        _add_lora(policy, hw, full, dist_info, seed, home, cfg.path)
+    parallelize(policy, hw, dist_info.mesh)
+    materialize(policy, home)
     init_nonpersistent_buffers(policy, dist_info.device)
-    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # NF4 weights were loaded (and left out of `full`) by _add_lora
+    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                strict=not hw.load_in_4bit))
     del full
     return policy, conf
+
+
+def _add_lora(policy, hw: HardwareConfig, full: dict, dist_info, seed: int, home: torch.device, model_path: str) -> None:
+    """LoRA on the meta-built policy (before `parallelize`): wrap the targets, let rank 0 add the initial adapters
+    to the weights it broadcasts, and with `load_in_4bit` quantize each target's base weight, whole, on every
+    rank (rank 0 broadcasts it, one at a time: quant.py explains why not shard by shard). On one rank the NF4
+    weights stay out of FSDP, on the compute device (parallelize.nf4_left_out)."""
+    import torch.distributed as dist
+
+    from grpo_fsdp.lora import apply_lora, initial_adapter_state, lora_modules, peft_adapter_config
+    from grpo_fsdp.quant import nf4_problem, quantize_base_nf4
+
+    apply_lora(policy, hw.lora)
+    # what checkpoints and exports record about the adapters (checkpoint.py, export.py)
+    policy.lora_info = {"adapter_config": peft_adapter_config(policy, hw.lora, model_path),
+                        "load_in_4bit": hw.load_in_4bit, "param_dtype": hw.param_dtype}
+    if dist_info.is_main:
+        full.update(initial_adapter_state(policy, seed))
+    if not hw.load_in_4bit:
+        return
+    for name, m in lora_modules(policy):  # shapes are known only now (config.json): one line, before any transfer
+        if problem := nf4_problem(f"{name}.weight", m.weight.shape, dist_info.world_size):
+            raise UserError(f"hardware.load_in_4bit: {problem}; use another world size or hardware.load_in_4bit=false")
+    nf4_home = home if dist_info.world_size > 1 else dist_info.device
+
+    def received(name: str, meta: torch.Tensor) -> torch.Tensor:
+        if dist_info.world_size == 1:
+            return full.pop(name).to(nf4_home, meta.dtype)
+        t = full.pop(name).to(dist_info.device, meta.dtype) if dist_info.is_main else \
+            torch.empty(meta.shape, dtype=meta.dtype, device=dist_info.device)
+        dist.broadcast(t, src=0)  # on the compute device: what the process group's backend serves
+        return t.to(nf4_home)
+
+    quantize_base_nf4(policy, hw, received)
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """`to_empty` for the parameters and buffers still on `meta` (NF4 weights already hold their values)."""
+    model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
 
 
 def build_reference(policy, conf: PretrainedConfig, cfg: ModelConfig, hw: HardwareConfig, dist_info, chunk_size: int):

@@ -18,6 +18,8 @@ of the blocks' projections, norms, rotary and MLP). Compiled inside the checkpoi
   attention.py): traced, its per-micro-batch structure exhausted Dynamo's recompile limit.
 - The last block and the root never reshard after forward: backward needs them at once.
 - `cpu_offload`: FSDP2's CPUOffloadPolicy on every group (on a CPU-only run too, where it moves nothing).
+- NF4 base weights (LoRA with hardware.load_in_4bit, quant.py) are sharded like any parameter, in their
+  packed 4-bit form, except on one rank, where FSDP leaves them alone (`nf4_left_out`).
 - Gradients are SUM-reduced (divide factor 1): the loss is already divided by the all-reduced
   token count of the whole step, so FSDP must not divide by the world size again.
 """
@@ -53,11 +55,28 @@ def parallelize(policy: Policy, hw: HardwareConfig, mesh: DeviceMesh, compile_ba
     # parameters and gradients as CPU tensors, copied to the compute device around each use), so CPU tests
     # exercise it; pinning needs CUDA.
     offload = CPUOffloadPolicy(pin_memory=hw.device == "cuda") if hw.cpu_offload else OffloadPolicy()
+    ignored = nf4_left_out(policy, mesh)
     for i, block in enumerate(layers):
         reshard = hw.reshard_after_forward and i < len(layers) - 1
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
-    fully_shard(policy, mesh=mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
+    fully_shard(policy, mesh=mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
     for module in (*layers, policy):  # per FSDP module: each holds its own parameter group
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
     return policy
+
+
+def nf4_left_out(policy: Policy, mesh: DeviceMesh) -> set[torch.nn.Parameter] | None:
+    """NF4 base weights (quant.py) that FSDP must not manage: all of them on a one-rank mesh, none otherwise.
+
+    FSDP2's one-rank shortcut in torch 2.13 (`FSDPParamGroup.wait_for_unshard`, world_size == 1) copies only
+    the first all-gather input of a tensor subclass, and an NF4 weight has three (packed values, scales,
+    scale factors), so its forward fails there. Sharding one rank saves nothing: the weights stay plain NF4
+    parameters on the compute device instead. With 2 or more ranks FSDP shards them (NF4Tensor implements
+    FSDP2's all-gather hooks)."""
+    from grpo_fsdp.quant import is_nf4
+
+    if mesh.size() > 1:
+        return None
+    nf4 = {p for p in policy.parameters() if is_nf4(p)}
+    return nf4 or None

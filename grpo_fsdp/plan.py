@@ -68,8 +68,15 @@ def _grpo_shape(cfg: Config) -> _BatchShape:
     )
 
 
+def _dpo_shape(cfg: Config) -> _BatchShape:
+    # One row = one prompt with its chosen and rejected completions (the prompt computed once, shared_prefix.py).
+    n = cfg.train.global_batch_size
+    return _BatchShape(prompts_per_step=n, sequences_per_step=n,
+                       loss_denominator="preference pairs in the step, all-reduced (+ chosen tokens for algo.sft_weight)")
+
+
 # algo name -> batch shape. A new algorithm adds one entry.
-_SEMANTICS: dict[str, Callable[[Config], _BatchShape]] = {"sft": _sft_shape, "grpo": _grpo_shape}
+_SEMANTICS: dict[str, Callable[[Config], _BatchShape]] = {"sft": _sft_shape, "grpo": _grpo_shape, "dpo": _dpo_shape}
 
 
 @dataclass(frozen=True)

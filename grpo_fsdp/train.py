@@ -17,7 +17,7 @@ from grpo_fsdp.cli import compose, run_main
 from grpo_fsdp.config import Config
 from grpo_fsdp.validation import validate
 
-RECIPES = {"sft": "grpo_fsdp.recipes.sft", "grpo": "grpo_fsdp.recipes.grpo"}
+RECIPES = {"sft": "grpo_fsdp.recipes.sft", "grpo": "grpo_fsdp.recipes.grpo", "dpo": "grpo_fsdp.recipes.dpo"}
 
 
 def dry_run(cfg: Config, world_size: int) -> str:
@@ -27,7 +27,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
 
     header = f"config ok: hardware={cfg.hardware.name} model={cfg.model.name} data={cfg.data.name} algo={cfg.algo.name} world_size={world_size}"
     plan = BatchPlan.from_config(cfg, world_size).format_table()
-    memory = format_table(estimate_memory(cfg, world_size), cfg.hardware.gpu_memory_gib)
+    memory = format_table(estimate_memory(cfg, world_size), cfg.hardware.gpu_memory_gib, cfg)
     return f"{header}\n\n{plan}\n\n{memory}"
 
 

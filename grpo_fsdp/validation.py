@@ -10,20 +10,24 @@ Checks that look at the machine (W&B credentials, host and device memory for vLL
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
-from grpo_fsdp.config import ALGO_SCHEMAS, Config, ConfigError, GRPOConfig, OptimConfig
+from grpo_fsdp.config import ALGO_SCHEMAS, Config, ConfigError, DPOConfig, GRPOConfig, OptimConfig
+from grpo_fsdp.estimate import check_fits
 from grpo_fsdp.grpo_attention import KERNELS, unavailable
 from grpo_fsdp.plan import BatchPlan
 from grpo_fsdp.preflight import check_vllm_memory, check_wandb
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("flash_attention_2", "sdpa", "eager")
-DATASETS = ("arithmetic", "gsm8k", "math", "math500")
+DATASETS = ("arithmetic", "gsm8k", "math", "math500", "preference", "preference_arithmetic")
+PREFERENCE_DATA = ("preference", "preference_arithmetic")  # DPO pairs (data/preference.py)
+DPO_LOSSES = ("sigmoid", "dpo_norm", "ipo", "robust")  # algorithms/dpo.py LOSSES
 SCHEDULES = ("cosine", "linear", "constant")
 TEMPLATES = ("auto", "chat", "plain")
 EVAL_TASKS = ("gsm8k", "math", "math500", "arithmetic")  # eval/tasks.py TASKS (not imported: eval is heavier)
-NOT_BUILT = "LoRA and 4-bit training are not built yet (issue 14)"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "all-linear")
 
 
 def _looks_local(path: str) -> bool:
@@ -54,18 +58,9 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
     kernel_problem = unavailable(hw.grpo_attention, hw.device)
     if kernel_problem and not cfg.dry_run:
         raise ConfigError("hardware.grpo_attention", f"{hw.grpo_attention}: {kernel_problem}",
-                          "use hardware.grpo_attention=auto (sdpa on CPU, flex or fa2_varlen on CUDA) or sdpa")
+                          "use hardware.grpo_attention=auto (sdpa, or fa2_varlen on CUDA with flash-attn) or sdpa")
     _positive("hardware.collective_timeout_s", hw.collective_timeout_s)  # seconds a collective waits for a missing rank
-    if hw.load_in_4bit and not hw.lora.enabled:
-        raise ConfigError("hardware.load_in_4bit", "4-bit base weights cannot be trained directly", "also set hardware.lora.enabled=true")
-    if hw.load_in_4bit and hw.device != "cuda":
-        raise ConfigError("hardware.load_in_4bit", "bitsandbytes 4-bit needs a CUDA device", "set hardware.load_in_4bit=false on CPU")
-    if hw.lora.enabled:
-        _positive("hardware.lora.rank", hw.lora.rank)
-    if (hw.lora.enabled or hw.load_in_4bit) and not cfg.dry_run:  # a dry run still plans (memory estimate)
-        name = "hardware.lora.enabled" if hw.lora.enabled else "hardware.load_in_4bit"
-        raise ConfigError(name, NOT_BUILT, "set hardware.lora.enabled=false hardware.load_in_4bit=false (the gpu8gb "
-                          "profile and experiment=deepseek7b-direct-grpo can be planned with dry_run=true for now)")
+    _validate_lora(cfg, world_size)
 
     if not model.path and model.name != "tiny":
         raise ConfigError("model.path", f"is empty for model {model.name!r}", "set model.path=<hub id or local directory>")
@@ -82,14 +77,14 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
     _choice("data.name", data.name, DATASETS)
     if data.path and not os.path.exists(os.path.expanduser(data.path)):
         raise ConfigError("data.path", f"{data.path!r} does not exist", "point data.path at a JSONL file or a directory of <split>.jsonl files, or leave it empty to use data.hub_id")
-    if data.name != "arithmetic" and not data.path and not data.hub_id:
+    if data.name not in ("arithmetic", "preference_arithmetic") and not data.path and not data.hub_id:
         raise ConfigError("data.path", f"neither data.path nor data.hub_id is set for {data.name!r}", "set data.path=<file.jsonl> or data.hub_id=<hub dataset id>")
     _positive("data.max_prompt_length", data.max_prompt_length)
     if data.max_length <= data.max_prompt_length:
         raise ConfigError("data.max_length", f"{data.max_length} leaves no room after data.max_prompt_length={data.max_prompt_length}", f"set data.max_length > {data.max_prompt_length}")
     if data.limit < 0:
         raise ConfigError("data.limit", f"must be >= 0, got {data.limit}", "use 0 for all rows")
-    if data.name == "arithmetic":
+    if data.name in ("arithmetic", "preference_arithmetic"):
         a = data.arithmetic
         _positive("data.arithmetic.num_train", a.num_train)
         if a.max_operand < a.min_operand:
@@ -104,6 +99,7 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
     _validate_eval(cfg)
     if isinstance(cfg.algo, GRPOConfig):
         _validate_grpo(cfg, world_size)
+    _validate_dpo(cfg)
     per_pass = train.micro_batch_size * world_size
     if train.global_batch_size % per_pass:
         raise ConfigError(
@@ -134,7 +130,40 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
     _validate_curriculum(cfg)
     if type(cfg.algo).__name__ not in {s.__name__ for s in ALGO_SCHEMAS.values()}:
         raise ConfigError("algo", f"unknown algorithm {cfg.algo!r}", f"choose one of {', '.join(ALGO_SCHEMAS)}")
+    check_fits(cfg, world_size)  # the memory plan (estimate.py) over hardware.gpu_memory_gib: largest items, an override that fits
     check_wandb(cfg)
+
+
+def _validate_lora(cfg: Config, world_size: int) -> None:
+    """hardware.lora.* and hardware.load_in_4bit (lora.py, quant.py)."""
+    hw, lora = cfg.hardware, cfg.hardware.lora
+    if hw.load_in_4bit and not lora.enabled:
+        raise ConfigError("hardware.load_in_4bit", "4-bit base weights cannot be trained directly", "also set hardware.lora.enabled=true")
+    if not lora.enabled:
+        return
+    _positive("hardware.lora.rank", lora.rank)
+    _positive("hardware.lora.alpha", lora.alpha)
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError("hardware.lora.dropout", f"{lora.dropout} is outside [0, 1)", "use e.g. 0 or 0.05")
+    unknown = [m for m in lora.target_modules if m not in LORA_TARGETS]
+    if unknown or not lora.target_modules:
+        raise ConfigError("hardware.lora.target_modules", f"{list(lora.target_modules)}: " + (
+            f"{', '.join(unknown)} is not a decoder linear" if unknown else "empty"),
+            f"choose from {', '.join(LORA_TARGETS)} (e.g. [q_proj,k_proj,v_proj,o_proj])")
+    if not hw.load_in_4bit:
+        return
+    from grpo_fsdp.quant import SHARD_SPLITS
+
+    if SHARD_SPLITS % world_size:
+        raise ConfigError("hardware.load_in_4bit", f"NF4 weights are cut into {SHARD_SPLITS} equal row shards, which "
+                          f"{world_size} ranks do not share evenly", f"use a world size dividing {SHARD_SPLITS} (1, 2, 4 or "
+                          "8), or hardware.load_in_4bit=false")
+    if hw.compile:
+        raise ConfigError("hardware.compile", "torch.compile over NF4 weights (torchao tensor subclass) is not tested "
+                          "here", "set hardware.compile=false with hardware.load_in_4bit=true")
+    if importlib.util.find_spec("torchao") is None and not cfg.dry_run:
+        raise ConfigError("hardware.load_in_4bit", "needs torchao (NF4 weights), which is not installed",
+                          'pip install "torchao>=0.18" (it comes with this project\'s dependencies)')
 
 
 def _validate_best(cfg: Config) -> None:
@@ -154,19 +183,26 @@ def _validate_best(cfg: Config) -> None:
 
 
 def _validate_curriculum(cfg: Config) -> None:
-    """data.curriculum=sent orders GRPO's prompts from a file the curriculum tool wrote (grpo_fsdp/curriculum/)."""
+    """data.curriculum=sent orders GRPO's prompts from a file the curriculum tool wrote (grpo_fsdp/curriculum/); auto
+    computes that file at start-up when it is missing (curriculum/auto.py)."""
     d = cfg.data
-    _choice("data.curriculum", d.curriculum, ("none", "sent"))
+    _choice("data.curriculum", d.curriculum, ("none", "sent", "auto"))
     if d.curriculum == "none":
         return
     if not isinstance(cfg.algo, GRPOConfig):
         raise ConfigError("data.curriculum", "orders GRPO's prompts only", "use data.curriculum=none with this algorithm")
     if d.curriculum_stages < 1:
         raise ConfigError("data.curriculum_stages", f"must be >= 1, got {d.curriculum_stages}", "e.g. data.curriculum_stages=4")
+    if d.curriculum == "auto":  # the file is computed at start-up when missing (curriculum/auto.py)
+        if d.curriculum_samples < 2:
+            raise ConfigError("data.curriculum_samples", f"{d.curriculum_samples} answers per prompt give no entropy",
+                              "use data.curriculum_samples=8 (2 at least)")
+        return
     if not d.curriculum_file or not os.path.isfile(d.curriculum_file):
         what = "is not set" if not d.curriculum_file else f"{d.curriculum_file!r} is not a file"
         raise ConfigError("data.curriculum_file", what, "compute one with python -m grpo_fsdp.curriculum model=... data=... "
-                          "samples=8 out=<file>, then pass data.curriculum_file=<file>")
+                          "samples=8 out=<file>, then pass data.curriculum_file=<file>; or set data.curriculum=auto to "
+                          "compute it at start-up")
 
 
 def _validate_warmup(cfg: Config, world_size: int) -> None:
@@ -223,6 +259,51 @@ def _validate_grpo(cfg: Config, world_size: int) -> None:
         raise ConfigError("algo.clip_eps_low", f"clip range [{g.clip_eps_low}, {g.clip_eps_high}]", "use 0 <= clip_eps_low < 1, clip_eps_high >= 0")
     if g.beta < 0:
         raise ConfigError("algo.beta", f"must be >= 0, got {g.beta}", "use 0 to train without a reference model")
+    if not 0 < g.entropy_top_quantile <= 1:
+        raise ConfigError("algo.entropy_top_quantile", f"{g.entropy_top_quantile} is not a share in (0, 1]",
+                          "use 0.2 (keep the 20% highest-entropy tokens, arXiv 2506.01939) or 1.0 (off)")
+    if g.entropy_threshold < 0:
+        raise ConfigError("algo.entropy_threshold", f"must be >= 0 (an entropy in nats), got {g.entropy_threshold}",
+                          "use 0 (off) or a positive entropy")
+    if g.entropy_top_quantile < 1 and g.entropy_threshold > 0:
+        raise ConfigError("algo.entropy_threshold", f"{g.entropy_threshold} and algo.entropy_top_quantile="
+                          f"{g.entropy_top_quantile} both set the entropy mask", "set one of them (the other at its "
+                          "default: entropy_top_quantile=1.0 or entropy_threshold=0)")
+
+
+def _validate_dpo(cfg: Config) -> None:
+    """algo=dpo trains on preference pairs, and only DPO reads them (recipes/dpo.py)."""
+    is_dpo, pairs = isinstance(cfg.algo, DPOConfig), cfg.data.name in PREFERENCE_DATA
+    if pairs and not is_dpo:
+        raise ConfigError("data.name", f"{cfg.data.name} holds preference pairs, which only algo=dpo trains on",
+                          f"add algo=dpo, or pick a math data set for algo={cfg.algo.name}")
+    if not is_dpo:
+        return
+    if not pairs:
+        raise ConfigError("data.name", f"algo=dpo needs preference pairs, not {cfg.data.name!r}",
+                          "use data=preference data.path=<pairs.jsonl> (or data.hub_id=...), or data=preference_arithmetic")
+    d = cfg.algo
+    _choice("algo.loss", d.loss, DPO_LOSSES)
+    _positive("algo.beta", d.beta)
+    if not 0 <= d.label_smoothing < 0.5:
+        raise ConfigError("algo.label_smoothing", f"{d.label_smoothing} is outside [0, 0.5)",
+                          "give the assumed share of flipped labels, e.g. algo.label_smoothing=0.1 (0: none)")
+    if d.loss == "ipo" and d.label_smoothing:
+        raise ConfigError("algo.label_smoothing", "IPO has no label smoothing", "set algo.label_smoothing=0 with algo.loss=ipo")
+    if d.sft_weight < 0:
+        raise ConfigError("algo.sft_weight", f"must be >= 0, got {d.sft_weight}", "use 0 for no SFT term")
+    _positive("algo.ref_rows_per_shard", d.ref_rows_per_shard)
+    if d.eval_pairs < 0:
+        raise ConfigError("algo.eval_pairs", f"must be >= 0, got {d.eval_pairs}", "use 0 for no held-out scoring")
+    if d.micro_batch_tokens < 0:
+        raise ConfigError("algo.micro_batch_tokens", f"must be >= 0, got {d.micro_batch_tokens}",
+                          "use 0 for train.micro_batch_size pairs per micro-batch, or a token budget such as 16384")
+    if d.epochs < 0 or not 0 <= d.warmup_ratio < 1:
+        raise ConfigError("algo.epochs", f"epochs={d.epochs}, warmup_ratio={d.warmup_ratio}",
+                          "use algo.epochs >= 0 (0: train.max_steps counts) and algo.warmup_ratio in [0, 1)")
+    if d.warmup_ratio and cfg.optim.warmup_steps:
+        raise ConfigError("algo.warmup_ratio", f"{d.warmup_ratio} and optim.warmup_steps={cfg.optim.warmup_steps} both set "
+                          "the warmup", "set optim.warmup_steps=0 to use the ratio, or algo.warmup_ratio=0")
 
 
 def _validate_rollout(cfg: Config, world_size: int) -> None:

@@ -146,7 +146,7 @@ def test_a_kernel_that_cannot_run_here_is_refused_in_one_line(monkeypatch):
     with pytest.raises(ConfigError) as exc:
         validate(compose(["algo=grpo", "hardware.grpo_attention=fa2_varlen"]), 1, False)
     assert str(exc.value) == ("hardware.grpo_attention: fa2_varlen: FlashAttention-2's varlen kernel needs a CUDA device; "
-                              "use hardware.grpo_attention=auto (sdpa on CPU, flex or fa2_varlen on CUDA) or sdpa")
+                              "use hardware.grpo_attention=auto (sdpa, or fa2_varlen on CUDA with flash-attn) or sdpa")
     monkeypatch.setattr(grpo_attention, "flash_attn_available", lambda: False)
     with pytest.raises(ConfigError, match="flash-attn is not installed"):
         validate(compose(["hardware=h100x2", "algo=grpo", "hardware.grpo_attention=fa2_varlen"]), 1, True)

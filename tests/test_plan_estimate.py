@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 
 from grpo_fsdp.cli import compose, group_options
 from grpo_fsdp.config import ArchConfig
-from grpo_fsdp.estimate import GIB, TINY_VOCAB_FALLBACK, estimate_memory, format_table, lora_param_count, param_count
+from grpo_fsdp.estimate import (
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    HOST_RUNTIME_BYTES,
+    NF4_BYTES,
+    TINY_VOCAB_FALLBACK,
+    estimate_memory,
+    format_table,
+    lora_param_count,
+    param_count,
+)
 from grpo_fsdp.plan import BatchPlan
 
 
@@ -67,6 +78,15 @@ SMALL = [
     "train.micro_batch_size=3", "train.global_batch_size=12", "train.logprob_chunk_size=16",
 ]  # fmt: skip
 P, LAYER, ROOT, TOKENS = 2824, 608, 1608, 3 * 10
+# Activations (estimate.activation_bytes), h = 8, kv = 4, i = 16, T tokens, c bytes:
+#   one block saves T * (c * (6h + 2kv + 4i) + 8h) = T * (120c + 64); its gradient temporaries T * c * (3i + 2h) = T * 64c;
+#   the head side (final norm, the head's input) T * (4h + 2ch) = T * (32 + 16c)
+#   with checkpointing: layers * T * h * c + one block; without: every block
+# bf16, T = 30: block 30 * 304 = 9120, grads 30 * 128 = 3840, head 30 * 64 = 1920
+ACT_AC_BF16 = 2 * TOKENS * 8 * 2 + 9120 + 3840 + 1920  # 15840
+ACT_NOAC_BF16 = 2 * 9120 + 3840 + 1920  # 24000
+LOGITS_SFT = 16 * 100 * 4  # min(chunk 16, scored 30) x V x fp32, one block (no entropy)
+HEAD_GRAD = 100 * 8 * 2  # the LM head's unsharded bf16 gradient (full fine-tune): V x h x c
 
 
 def small(*extra: str):
@@ -83,22 +103,22 @@ def test_small_estimate_full_shard_with_checkpointing():
     assert est.weights == 4 * P // 2 + 2 * (2 * LAYER + ROOT)
     assert est.gradients == 4 * P // 2
     assert est.optimizer == 8 * P // 2
-    # saved block inputs: layers * tokens * h * 2 bytes; one block in full: 34 * tokens * h (bf16)
-    # logits: min(chunk 16, tokens 30) * V * 4 bytes * 4 copies
-    assert est.activations == 2 * TOKENS * 8 * 2 + 34 * TOKENS * 8 + 16 * 100 * 4 * 4
-    assert est.total == est.weights + est.gradients + est.optimizer + est.activations
+    assert est.activations == ACT_AC_BF16 == 15840
+    assert est.logits == LOGITS_SFT and est.transient == HEAD_GRAD
+    assert est.total == est.weights + est.gradients + est.optimizer + est.activations + LOGITS_SFT + HEAD_GRAD + CUDA_CONTEXT_BYTES
     assert est.cpu_bytes == 0 and est.trainable_params == P
 
 
 def test_small_estimate_without_checkpointing():
     est = estimate_memory(small("hardware.activation_checkpointing=false"), world_size=2)
-    assert est.activations == 2 * 34 * TOKENS * 8 + 16 * 100 * 4 * 4
+    assert est.activations == ACT_NOAC_BF16 == 24000 and est.logits == LOGITS_SFT
 
 
 def test_fp32_compute_scales_activations_and_gathered_copy():
     est = estimate_memory(small("hardware.param_dtype=float32", "hardware.activation_checkpointing=false"), 2)
     assert est.weights == 4 * P // 2 + 4 * (2 * LAYER + ROOT)
-    assert est.activations == 2 * 34 * TOKENS * 8 * 2 + 16 * 100 * 4 * 4
+    # fp32, T = 30: every block 30 * (480 + 64) = 16320, grads 30 * 256 = 7680, head 30 * (32 + 64) = 2880
+    assert est.activations == 2 * 16320 + 7680 + 2880 == 43200 and est.logits == LOGITS_SFT
 
 
 def test_cpu_offload_moves_sharded_state_to_cpu():
@@ -128,13 +148,32 @@ def test_lora_4bit_estimate():
     # q_proj: 2*(8+8)=32, down_proj: 2*(16+8)=48 -> 80 per layer, 160 in all
     assert lora_param_count(cfg.model.arch, 2, ["q_proj", "down_proj"]) == (160, [])
     est = estimate_memory(cfg, world_size=2)
-    base_layer = 576 * 0.5 + 32 * 2  # NF4 linear weights + bf16 biases/norms
+    # NF4 holds the targets' weights, q_proj 8*8 + down_proj 16*8 = 192 of the 576 linear weights (4 bits + an int8
+    # scale per 64 values + an fp32 factor per 256 scales); the other 384 and the biases/norms (32) stay bf16
+    assert NF4_BYTES == 0.5 + 1 / 64 + 4 / (64 * 256)
+    base_layer = 192 * NF4_BYTES + (384 + 32) * 2
     sharded = (2 * base_layer + ROOT * 2) / 2 + 4 * 160 / 2
     gathered = 2 * (base_layer + 80 * 2) + ROOT * 2
     assert est.weights == round(sharded + gathered)
+    assert est.base_weights == round((2 * base_layer + ROOT * 2) / 2 + 2 * base_layer + ROOT * 2)
+    assert est.adapters == round(4 * 160 / 2 + 2 * 80 * 2)
+    assert est.transient == 16 * 8 * 2  # the largest NF4 weight (down_proj) dequantized to bf16, no head gradient
+    # one rank: FSDP leaves the NF4 weights alone (parallelize.nf4_left_out), all of them on the device, even offloaded
+    one = estimate_memory(_with(cfg, "hardware.cpu_offload", True), world_size=1)
+    assert one.weights == round(2 * ((384 + 32) * 2 + 80 * 2) + ROOT * 2 + 2 * 192 * NF4_BYTES)
     assert est.gradients == 4 * 160 // 2 and est.optimizer == 8 * 160 // 2
     assert est.trainable_params == 160
     assert any("not_a_module" in n for n in est.notes)
+
+
+def _with(cfg, dotted: str, value):
+    out = copy.deepcopy(cfg)
+    *path, leaf = dotted.split(".")
+    node = out
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, leaf, value)
+    return out
 
 
 def test_format_table_fit_lines():
@@ -158,44 +197,50 @@ def test_every_profile_and_model_composes_and_formats(hardware, model):
 
 
 # ---------------------------------------------------------------- GRPO: reference model and rollout engine
-# (issue 11, item 16) SMALL on h100x2 (bf16, c = 2 bytes, N = 2 ranks, activation checkpointing on):
+# (issue 11, item 16; issue 14) SMALL on h100x2 (bf16, c = 2 bytes, N = 2 ranks, activation checkpointing on), with
+# 2 prompts x G = 3, 6 new tokens: a micro-batch of 3 completions is 1 prompt of 4 tokens + 3 x 6 = 22 tokens, 18 scored.
 #   weights     4P/2 + 2 * (2 * LAYER + ROOT) = 5648 + 5648 = 11296
 #   gradients   4P/2 = 5648; optimizer 8P/2 = 11296
-#   activations 2*30*8*2 + 34*30*8 + 16*100*4*4 = 960 + 8160 + 25600 = 34720
+#   activations T = 22: 2*22*8*2 + 22*304 + 22*128 + 22*64 = 704 + 6688 + 2816 + 1408 = 11616
+#   logits      min(chunk 16, 18 scored) x V 100 x 4 bytes x 2 (GRPO's training forward asks for the entropy) = 12800
 #   reference   bf16 shard c*P/N = 2*2824/2 = 2824 (before: not counted; built as a second fp32 policy, 4P/2 = 5648
 #               of weights plus its gathered copies)
-#   engine      the transformers engine's unsharded bf16 copy, c*P = 5648 (before: not counted)
-WEIGHTS, GRADS, OPTIM, ACTS = 4 * P // 2 + 2 * (2 * LAYER + ROOT), 4 * P // 2, 8 * P // 2, 2 * TOKENS * 8 * 2 + 34 * TOKENS * 8 + 16 * 100 * 4 * 4
+#   engine      the transformers engine's unsharded bf16 copy, c*P = 5648, and its KV cache: 2 (k, v) x 2 layers x kv 4
+#               x 2 bytes x (2 prompts / 2 ranks x G 3) rows x (4 + 6) positions = 960
+WEIGHTS, GRADS, OPTIM, ACTS, LOGITS, KV = 4 * P // 2 + 2 * (2 * LAYER + ROOT), 4 * P // 2, 8 * P // 2, 11616, 12800, 960
 
 
 def grpo(*extra: str):
-    return small("algo=grpo", *extra)
+    return small("algo=grpo", "algo.prompts_per_step=2", "algo.group_size=3", "algo.max_new_tokens=6", *extra)
 
 
 def test_grpo_reference_in_bf16_and_the_transformers_engine_copy():
     est = estimate_memory(grpo("algo.beta=0.04", "rollout.engine=hf"), world_size=2)
-    assert (est.weights, est.gradients, est.optimizer, est.activations) == (WEIGHTS, GRADS, OPTIM, ACTS) == (11296, 5648, 11296, 34720)
+    assert (est.weights, est.gradients, est.optimizer, est.activations) == (WEIGHTS, GRADS, OPTIM, ACTS) == (11296, 5648, 11296, 11616)
+    assert (est.logits, est.transient, est.kv_cache) == (LOGITS, HEAD_GRAD, KV)
     assert est.reference == 2 * P // 2 == 2824
-    assert est.engine == 2 * P == 5648
+    assert est.engine == 2 * P + KV == 6608
     # training: the engine sleeps in host memory (cuda, rollout.sleep_level=1)
-    assert est.training == 11296 + 5648 + 11296 + 34720 + 2824 == 65784
+    assert est.training == 11296 + 5648 + 11296 + 11616 + 12800 + 1600 + 2824 == 57080
     # generation: fp32 master shard 4P/2 + optimizer 8P/2 + reference + engine; gradients and activations are gone
-    assert est.generation == 5648 + 11296 + 2824 + 5648 == 25416
-    assert est.total == max(65784, 25416)
+    assert est.generation == 5648 + 11296 + 2824 + 6608 == 26376
+    assert est.total == max(57080, 26376) + CUDA_CONTEXT_BYTES
     table = format_table(est, 80)
-    labels = [line.split("  ")[0] for line in table.splitlines()[2:]]
-    assert labels[:9] == ["parameters", "world size", "weights", "gradients", "optimizer", "activations", "reference model",
-                          "rollout engine", "training phase"]
+    labels = [line.split("  ")[0].strip() for line in table.splitlines()[2:]]
+    assert labels[:14] == ["parameters", "world size", "weights", "gradients", "optimizer", "activations",
+                           "log-prob chunk (fp32 logits)", "transient (head grad / NF4 dequant)", "reference model",
+                           "rollout engine", "training phase", "generation phase", "CUDA context", "total per device"]
     assert any(n.startswith("reference model (algo.beta=0.04): bfloat16, frozen, sharded") for n in est.notes)
     assert any(n.startswith("rollout engine: the transformers engine holds its own unsharded bfloat16 copy") for n in est.notes)
 
 
 def test_grpo_without_kl_has_no_reference_and_sft_has_neither():
     est = estimate_memory(grpo("algo.beta=0", "rollout.engine=hf"), world_size=2)
-    assert est.reference == 0 and est.engine == 5648
-    assert est.training == 11296 + 5648 + 11296 + 34720 and est.generation == 5648 + 11296 + 5648
+    assert est.reference == 0 and est.engine == 6608
+    assert est.training == 57080 - 2824 and est.generation == 5648 + 11296 + 6608
     sft = estimate_memory(small(), world_size=2)
-    assert (sft.reference, sft.engine, sft.generation) == (0, 0, 0) and sft.total == sft.training == WEIGHTS + GRADS + OPTIM + ACTS
+    assert (sft.reference, sft.engine, sft.generation, sft.kv_cache) == (0, 0, 0, 0)
+    assert sft.total - CUDA_CONTEXT_BYTES == sft.training == WEIGHTS + GRADS + OPTIM + ACT_AC_BF16 + LOGITS_SFT + HEAD_GRAD
     assert "rollout engine" not in format_table(sft, 80)
 
 
@@ -205,27 +250,33 @@ def test_grpo_vllm_share_can_be_the_peak():
     share = round(0.3 * 80 * GIB)
     assert est.engine == share == 25_769_803_776
     assert est.generation == 5648 + 11296 + 2824 + share
-    assert est.total == est.generation > est.training == 65784
+    assert est.total - CUDA_CONTEXT_BYTES == est.generation > est.training == 57080
     # rollout.engine=auto (the default) resolves at start-up: the larger of vLLM's share and the transformers copy
     auto = estimate_memory(grpo("algo.beta=0.04"), world_size=2)
-    assert auto.engine == max(share, 2 * P) == share and auto.total == est.total
+    assert auto.engine == max(share, 2 * P + KV) == share and auto.total == est.total
     assert any(n.startswith("rollout engine (auto, the larger is counted): vLLM reserves") for n in auto.notes)
 
 
 def test_grpo_reference_goes_to_the_host_with_cpu_offload():
     est = estimate_memory(grpo("algo.beta=0.04", "rollout.engine=hf", "hardware.cpu_offload=true"), world_size=2)
     assert est.reference == 0 and est.cpu_bytes == 4 * P // 2 + 4 * P // 2 + 8 * P // 2 + 2 * P // 2
-    assert est.generation == 0 + 0 + 5648  # nothing of the trainer stays resident on the device
-    assert est.training == 2 * (2 * LAYER + ROOT) + ACTS
+    assert est.generation == 0 + 0 + 6608  # nothing of the trainer stays resident on the device
+    assert est.training == 2 * (2 * LAYER + ROOT) + ACTS + LOGITS + HEAD_GRAD
 
 
 def test_cpu_engine_stays_in_memory_while_training_unless_level_2():
-    # hardware=cpu: fp32 (c = 4), one process, no checkpointing; HFEngine.sleep(1) does nothing on a CPU device
+    # hardware=cpu: fp32 (c = 4), one process, no checkpointing; HFEngine.sleep(1) does nothing on a CPU device, and
+    # the KV cache (4 bytes, 1 rank: 2 x 2 x 4 x 4 x 6 rows x 10 = 3840) lives only during generate
     def cpu(*extra):
-        return estimate_memory(compose(["hardware=cpu", *SMALL, "algo=grpo", "rollout.engine=hf", *extra]), world_size=1)
+        return estimate_memory(compose(["hardware=cpu", *SMALL, "algo=grpo", "algo.prompts_per_step=2", "algo.group_size=3",
+                                        "algo.max_new_tokens=6", "rollout.engine=hf", *extra]), world_size=1)
 
     awake, level2 = cpu(), cpu("rollout.sleep_level=2")
-    plain = awake.weights + awake.gradients + awake.optimizer + awake.activations
-    assert awake.engine == level2.engine == 4 * P
+    plain = awake.weights + awake.gradients + awake.optimizer + awake.activations + awake.logits + awake.transient
+    assert awake.engine == level2.engine == 4 * P + 3840 and awake.kv_cache == 3840
     assert awake.training == plain + 4 * P and level2.training == plain
-    assert awake.generation == level2.generation == 4 * P + 8 * P + 4 * P  # master + optimizer + engine
+    assert awake.generation == level2.generation == 4 * P + 8 * P + 4 * P + 3840  # master + optimizer + engine
+    # loading: rank 0's full fp32 model beside the fp32 shards it fills; no CUDA context on a CPU device, the
+    # process's own runtime instead
+    assert awake.loading == 4 * P + 4 * P and awake.cuda_context == 0 and awake.host_runtime == HOST_RUNTIME_BYTES
+    assert awake.total == max(awake.training, awake.generation, awake.loading) + HOST_RUNTIME_BYTES

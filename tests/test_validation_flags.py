@@ -25,8 +25,8 @@ def test_help_lists_groups_options_and_fields(capsys):
     assert code == 0 and err == ""
     lines = out.splitlines()
     assert "  hardware    b200x4, cpu, gpu8gb, h100x2   (now: cpu)" in lines
-    assert "  algo        grpo, sft   (now: grpo)" in lines
-    assert any(line.startswith("  experiment  deepseek7b-direct-grpo, ") for line in lines)
+    assert "  algo        dpo, grpo, sft   (now: grpo)" in lines
+    assert any(line.startswith("  experiment  deepseek-r1-distill-1.5b-gpu8gb, deepseek7b-direct-grpo, ") for line in lines)
     # every field with the value this composition gives it, and the schema's comment
     assert "  algo.group_size=8                            # G completions per prompt" in lines
     assert any(line.startswith("  train.max_steps=60 ") and "rollouts (GRPO)" in line for line in lines)
@@ -53,7 +53,7 @@ def test_bad_flags_end_in_one_line(argv, line, capsys):
 
 
 def test_sweeps_expand_like_hydras_basic_sweeper():
-    assert expand_sweeps(["optim.lr=1e-5,3e-5", "algo=glob(*,exclude=sft)", "train.max_steps=range(1,3)", "+x=[1,2]"]) == [
+    assert expand_sweeps(["optim.lr=1e-5,3e-5", "algo=glob(*,exclude=[sft,dpo])", "train.max_steps=range(1,3)", "+x=[1,2]"]) == [
         ["optim.lr=1e-05", "algo=grpo", "train.max_steps=1", "+x=[1,2]"],
         ["optim.lr=1e-05", "algo=grpo", "train.max_steps=2", "+x=[1,2]"],
         ["optim.lr=3e-05", "algo=grpo", "train.max_steps=1", "+x=[1,2]"],

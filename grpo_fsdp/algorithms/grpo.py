@@ -2,9 +2,9 @@
 
 Pure functions of tensors, composed by `grpo_loss`. Its ratio and surrogate variants (GSPO's sequence
 ratio, CISPO) are in surrogates.py; the engine/trainer mismatch correction (TIS, MIS) in
-rollout_correction.py. Shapes: N completions in a micro-batch, T completion positions (right-padded),
-`mask [N, T]` bool marks the scored tokens. Rewards and advantages are laid out group-contiguous:
-completions `b*G .. b*G+G-1` answer prompt b.
+rollout_correction.py; the entropy-selective mask of the surrogate (arXiv 2506.01939) in entropy_mask.py.
+Shapes: N completions in a micro-batch, T completion positions (right-padded), `mask [N, T]` bool marks
+the scored tokens. Rewards and advantages are laid out group-contiguous: completions `b*G .. b*G+G-1` answer prompt b.
 
 Sources:
   GRPO          Shao et al. 2024, "DeepSeekMath" (arXiv 2402.03300), eq. 3 and sec. 4.1.2.
@@ -265,6 +265,8 @@ def grpo_loss(
     importance_level: str = "token",
     surrogate: str = "clip",
     token_weights: torch.Tensor | None = None,  # [N, T] detached, e.g. rollout_correction.correction_weights
+    keep: torch.Tensor | None = None,  # [N, T] bool, within mask: the tokens the surrogate counts (entropy_mask.py)
+    keep_normalisers: Mapping[str, float | torch.Tensor] | None = None,  # the step's counts of `keep`
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Surrogate (+ beta * k3 KL per token) aggregated by `aggregation` -> (loss, stats).
 
@@ -272,7 +274,10 @@ def grpo_loss(
     `surrogates.RATIOS[importance_level]` ("token", "sequence": GSPO). `token_weights` multiply the
     surrogate only (not the KL term); a weight of 0 drops the token's loss but not its place in the counts
     (algorithms/rollout_correction.py). `normalisers` holds the step's global counts and constants
-    (`normalisers_needed(aggregation)`). stats (detached scalars, means over this micro-batch's scored
+    (`normalisers_needed(aggregation)`). `keep` (the entropy mask, algorithms/entropy_mask.py) restricts the
+    surrogate to its tokens, aggregated over `keep` with `keep_normalisers` (the step's counts of kept tokens,
+    all-reduced like `normalisers`); the KL term stays on `mask` with `normalisers`. Without `keep` the
+    arithmetic is today's, unchanged. stats (detached scalars, means over this micro-batch's scored
     tokens): clip_frac_low, clip_frac_high (where the surrogate clipped), ratio_mean (of the ratio used),
     and kl_mean whenever ref_logp is given (also at beta = 0, to watch).
     """
@@ -286,10 +291,18 @@ def grpo_loss(
     if token_weights is not None:  # where, not *: a dropped token's loss is 0 even if it overflowed
         per_token = torch.where(token_weights > 0, per_token * token_weights.detach(), 0.0)
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else None  # [N, T]
-    if kl is not None and beta > 0:
-        per_token = per_token + beta * kl
     needed = normalisers_needed(aggregation)
-    loss = AGGREGATIONS[aggregation](per_token, mask, **{k: normalisers[k] for k in needed})
+    aggregate = AGGREGATIONS[aggregation]
+    if keep is None:
+        if kl is not None and beta > 0:
+            per_token = per_token + beta * kl
+        loss = aggregate(per_token, mask, **{k: normalisers[k] for k in needed})
+    else:  # surrogate on the kept tokens over their counts, KL on every scored token over the full counts
+        if keep_normalisers is None:
+            raise ValueError("keep needs keep_normalisers (the step's counts of kept tokens)")
+        loss = aggregate(per_token, keep & mask, **{k: keep_normalisers[k] for k in needed})
+        if kl is not None and beta > 0:
+            loss = loss + beta * aggregate(kl, mask, **{k: normalisers[k] for k in needed})
 
     with torch.no_grad():
         n = mask.sum().clamp(min=1)

@@ -106,15 +106,21 @@ def histogram(entropies: list[float], samples: int, path: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
+    opts, overrides = split_options(argv)
+    cfg = compose(overrides)
+    samples, batch = _int(opts, "samples", 8, 2), _int(opts, "batch", 16, 1)
+    compute(cfg, samples, _int(opts, "seed", cfg.train.seed, 0), opts.get("out") or None, batch)
+    return 0
+
+
+def compute(cfg, samples: int, seed: int, out: str | None = None, batch: int = 16) -> Path:
+    """Sample, cluster and append every prompt missing from the cache for (cfg's model and data, samples, seed);
+    -> the cache file (`out`, default outputs/curriculum/<data>-<key hash>.jsonl). A complete file costs no sampling."""
     from grpo_fsdp.data.loading import load_examples
     from grpo_fsdp.data.templates import encode_prompt, render_prompt
     from grpo_fsdp.models import load_tokenizer
     from grpo_fsdp.rollout.base import SamplingConfig
 
-    opts, overrides = split_options(argv)
-    cfg = compose(overrides)
-    samples, batch = _int(opts, "samples", 8, 2), _int(opts, "batch", 16, 1)
-    seed = _int(opts, "seed", cfg.train.seed, 0)
     tokenizer = load_tokenizer(cfg.model)
     examples = load_examples(cfg.data, cfg.data.train_split)
     questions, golds, prompts = [], [], []
@@ -125,7 +131,7 @@ def main(argv: list[str]) -> int:
             golds.append(e.answer)
             prompts.append(ids)
     key = cache.make_key(cache.model_key(cfg.model, cfg.train.seed), cache.data_fingerprint(cfg.data.name, questions), samples, seed)
-    out = Path(opts.get("out") or f"outputs/curriculum/{cfg.data.name}-{cache.key_hash(key)}.jsonl")
+    out = Path(out or f"outputs/curriculum/{cfg.data.name}-{cache.key_hash(key)}.jsonl")
     writer = cache.Writer(out, key)
     if writer.stale:
         print(f"info: {out} was computed for another model, data, samples or seed: moved to {out}.stale", file=sys.stderr)
@@ -156,4 +162,4 @@ def main(argv: list[str]) -> int:
     print(f"curriculum: {out}: mean entropy {sum(entropies) / max(len(entropies), 1):.3f} nats over {len(entropies)} "
           f"prompts; {len(solved)} with H = 0 ({right} all right, {len(solved) - right} all wrong: all {samples} samples "
           f"agree, no GRPO signal; data.curriculum_drop_solved=true drops them)\n{histogram(entropies, samples, out.with_suffix('.png'))}", file=sys.stderr, flush=True)
-    return 0
+    return out

@@ -8,6 +8,10 @@
     templates.py     prompt and completion text (chat or plain), consistent with each other
     sft.py           tokenization with a loss mask, and padding collation
     lengths.py       which rollout prompts fit data.max_prompt_length and the model's context (counted)
+    preference.py    DPO pairs (prompt / chosen / rejected, plain or chat messages): parsing, rendering, truncation
+    preference_arithmetic.py  the synthetic preference set (correct vs. one wrong step), offline
+    length_report.py `python -m grpo_fsdp.data.length_report`: length percentiles, coverage, a max_length to use
+    png.py           the report's histogram, written with zlib alone
     batching.py      stateless batch order (resume- and world-size-independent)
 """
 

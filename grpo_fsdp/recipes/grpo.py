@@ -23,20 +23,23 @@ from contextlib import contextmanager
 import torch
 
 from grpo_fsdp import distributed
+from grpo_fsdp.algorithms.entropy_mask import mask_metrics, mask_sums, step_keep_masks
 from grpo_fsdp.algorithms.grpo import count_contributions, group_advantages, grpo_loss, zero_variance_groups
 from grpo_fsdp.algorithms.rollout_correction import corrected_tokens, correction_weights, mismatch_sums
 from grpo_fsdp.algorithms.surrogates import loss_parts
 from grpo_fsdp.checkpoint import Checkpointer, resume_key
 from grpo_fsdp.cli import redacted_yaml
 from grpo_fsdp.config import Config, GRPOConfig
+from grpo_fsdp.curriculum.auto import resolve as resolve_curriculum
 from grpo_fsdp.curriculum.cache import model_key
 from grpo_fsdp.curriculum.sampler import PromptOrder
 from grpo_fsdp.data.lengths import fit_prompts
 from grpo_fsdp.data.loading import load_examples
 from grpo_fsdp.data.templates import encode_prompt, render_prompt
-from grpo_fsdp.export import export_hf
+from grpo_fsdp.export import export_adapter, export_hf
 from grpo_fsdp.faults import maybe_fault
 from grpo_fsdp.logging import make_logger
+from grpo_fsdp.lora import BaseModel, has_lora, merge_adapters
 from grpo_fsdp.models import build_policy, build_reference, hf_config, load_tokenizer
 from grpo_fsdp.optim import build_optimizer
 from grpo_fsdp.plan import BatchPlan
@@ -57,8 +60,11 @@ def sync_weights(policy, engine, probes: list[list[int]], tolerance: float, devi
     None when not probed: engines whose load is exact by construction (`probe_every_sync = False`,
     the transformers engine) are probed at the first sync only, which checks the name mapping and
     that both forwards agree; vLLM (its own loaders, sleep and wake) at every sync."""
-    engine.load_weights((name, p) for name, p in policy.named_parameters())
-    if not probes or not (first or getattr(engine, "probe_every_sync", True)):
+    # LoRA: the merged weights W + (alpha / r) B A, one tensor at a time (lora.merge_adapters), our own arithmetic:
+    # probed at every sync on any engine (4 prompts), the first sync (B = 0) could not catch a wrong merge
+    lora = has_lora(policy)
+    engine.load_weights(merge_adapters(policy) if lora else ((name, p) for name, p in policy.named_parameters()))
+    if not probes or not (first or lora or getattr(engine, "probe_every_sync", True)):
         return None
     return check_sync(engine, policy, probes, tolerance, device)
 
@@ -95,8 +101,19 @@ def score_logprobs(model, batches, device, temperature: float) -> list[torch.Ten
                 for b in batches]
 
 
+def old_policy_pass(policy, steps, device, temperature: float, need_old: bool, need_entropy: bool):
+    """pi_old's log-probs (a rollout of several optimizer steps) and entropies (the entropy mask) of every micro-batch,
+    in one no-grad pass -> (olds | None, ents | None), each [optimizer step][micro-batch] -> [n, L-1]."""
+    if not (need_old or need_entropy):
+        return None, None
+    with torch.no_grad():
+        out = [[policy(**to_device(b["inputs"], device), target_mask=b["target_mask"].to(device), with_entropy=need_entropy,
+                       temperature=temperature) for b in s] for s in steps]
+    return ([[lp for lp, _ in s] for s in out] if need_old else None), ([[e for _, e in s] for s in out] if need_entropy else None)
+
+
 def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOConfig, max_grad_norm: float, device,
-                   temperature: float) -> dict[str, float]:
+                   temperature: float, ents=None) -> dict[str, float]:
     """Forward/backward every micro-batch of one optimizer step, clip, step. Returns this rank's sums.
 
     A step that scores no token on any rank (every group dropped by filter_zero_variance, every completion
@@ -110,6 +127,12 @@ def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOCon
     The engine's log-probs of the sampled tokens (`engine_logp` of each micro-batch) are compared with the
     trainer's old ones (mismatch sums, logged as rollout/mismatch_*) and correct the surrogate by
     algo.rollout_correction (algorithms/rollout_correction.py); the correction leaves the counts alone.
+
+    The entropy mask (algo.entropy_top_quantile or algo.entropy_threshold, algorithms/entropy_mask.py): tau over
+    the step's scored tokens on every rank, the surrogate on the kept tokens over their all-reduced count, the KL on
+    all of them. The entropies are pi_old's: `ents`, from `old_policy_pass`, when a rank has several micro-batches
+    per optimizer step; with one, its own forward's (the same values on a rollout's first optimizer step; later
+    ones, under updates_per_rollout > 1 or several optimizer steps per rollout, always get `ents`).
     """
     local = defaultdict(int)
     for b in batches:
@@ -123,16 +146,36 @@ def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOCon
     if norm["global_tokens"] == 0:  # the same on every rank: all skip together
         sums.update(skipped=1, grad_norm=0.0)
         return sums
+    keeps = keep_norm = None
+
+    def entropy_mask(ents):  # one threshold for the step on every rank (a collective), the kept tokens' global count
+        keeps, sums["entropy_threshold"] = step_keep_masks([b["target_mask"] for b in batches], ents, g.entropy_top_quantile,
+                                                           g.entropy_threshold, device)
+        kept = distributed.all_reduce_sum(sum(int(k.sum()) for k in keeps), device)
+        return keeps, {**norm, "global_tokens": max(kept, 1.0)}  # no kept token: the surrogate's sum is 0 anyway
+
+    masking = g.entropy_top_quantile < 1 or g.entropy_threshold > 0
+    if ents is not None:
+        keeps, keep_norm = entropy_mask(ents)
+    elif masking and len(batches) > 1:
+        raise ValueError("the entropy mask over several micro-batches needs pi_old's entropies (old_policy_pass)")
     for i, b in enumerate(batches):
         tm = b["target_mask"].to(device)
         logp, ent = policy(**to_device(b["inputs"], device), target_mask=tm, with_entropy=True, temperature=temperature)
+        if masking and keeps is None:  # one micro-batch per rank: its own forward's entropies (pi_old's), no extra pass
+            ents = [ent.detach()]
+            keeps, keep_norm = entropy_mask(ents)
         old = logp.detach() if olds is None else olds[i]
         engine = None if b.get("engine_logp") is None else b["engine_logp"].to(device)  # None: a rollout without them
         weights = correction_weights(g.rollout_correction, old, engine, tm, cap, g.rollout_correction_level)
         loss, st = grpo_loss(logp, old, None if refs is None else refs[i], b["adv"].to(device), tm, eps_low=g.clip_eps_low,
                              eps_high=g.clip_eps_high, beta=g.beta, aggregation=aggregation, normalisers=norm,
-                             importance_level=g.importance_level, surrogate=surrogate, token_weights=weights)
+                             importance_level=g.importance_level, surrogate=surrogate, token_weights=weights,
+                             keep=None if keeps is None else keeps[i], keep_normalisers=keep_norm)
         loss.backward()
+        if keeps is not None:
+            for k, v in mask_sums(tm, keeps[i], ents[i]).items():
+                sums[f"emask_{k}"] += v
         if engine is not None:
             mismatch = mismatch_sums(old, engine, tm, cap)
             sums["mismatch_abs_max"] = max(sums["mismatch_abs_max"], float(mismatch.pop("abs_max")))
@@ -160,7 +203,7 @@ def run(cfg: Config) -> int:
 
 
 def _run(cfg: Config, td: Teardown) -> int:
-    d = distributed.init(cfg.hardware.device, cfg.hardware.collective_timeout_s)
+    d = distributed.init(cfg.hardware.device, cfg.hardware.collective_timeout_s, cfg.hardware.cpu_offload)
     td.add("process_group", distributed.shutdown)
     run_dir = distributed.agree_run_dir(cfg.run_dir, f"grpo-{cfg.model.name}-{cfg.data.name}", resume_key(cfg))
     g, t, o = cfg.algo, cfg.train, cfg.optim
@@ -174,7 +217,8 @@ def _run(cfg: Config, td: Teardown) -> int:
     examples, prompts = [examples[i] for i in fit.kept], [prompts[i] for i in fit.kept]
     if fit.summary and d.is_main:
         print(fit.summary, file=sys.stderr, flush=True)
-    order = PromptOrder(cfg.data, [e.question for e in examples], [len(p) for p in prompts], g.prompts_per_step, t.seed,
+    data_cfg = resolve_curriculum(cfg, d.is_main)  # data.curriculum=auto: the SENT file, computed on rank 0 when missing
+    order = PromptOrder(data_cfg, [e.question for e in examples], [len(p) for p in prompts], g.prompts_per_step, t.seed,
                         model_key(cfg.model, t.seed))  # each step's prompts: shuffled epochs or the SENT curriculum
 
     # 2. reward workers (they import their grader while the models load), policy (+ reference only when
@@ -183,7 +227,8 @@ def _run(cfg: Config, td: Teardown) -> int:
                           num_workers=g.reward_workers, timeout_s=g.reward_timeout_s)
     td.add("rewards", scorer)
     policy, hf_conf = build_policy(cfg.model, cfg.hardware, tokenizer, d, t.seed, t.logprob_chunk_size)
-    reference = build_reference(policy, hf_conf, cfg.model, cfg.hardware, d, t.logprob_chunk_size) if g.beta > 0 else None
+    reference = None if g.beta == 0 else BaseModel(policy) if cfg.hardware.lora.enabled else \
+        build_reference(policy, hf_conf, cfg.model, cfg.hardware, d, t.logprob_chunk_size)  # LoRA: adapters off
     optimizer = build_optimizer(policy.parameters(), o)
     plan = BatchPlan.from_config(cfg, d.world_size)
     scheduler = build_scheduler(optimizer, o, t.max_steps * plan.optimizer_steps_per_batch)
@@ -210,6 +255,7 @@ def _run(cfg: Config, td: Teardown) -> int:
     n_opt = plan.optimizer_steps_per_batch // g.updates_per_rollout  # optimizer steps per pass over the rollout
     single_pass = plan.optimizer_steps_per_batch == 1  # then the sampling policy is the policy: ratio 1
     temp = g.temperature if g.temperature > 0 else 1.0  # greedy rollouts: score the plain distribution
+    masking = g.entropy_top_quantile < 1 or g.entropy_threshold > 0  # the entropy mask (algorithms/entropy_mask.py)
     shared = g.shared_prefix and policy.shared_prefix_ok  # each prompt once per micro-batch (shared_prefix.py)
     if g.shared_prefix and not shared:
         logger.print(f"note: attention {cfg.hardware.attn_implementation!r} cannot take the shared-prefix layout; "
@@ -243,14 +289,16 @@ def _run(cfg: Config, td: Teardown) -> int:
             steps = [micro_batches(rollout, adv, keep, rank_share(c, t.global_batch_size, d.rank, d.world_size),
                                    t.micro_batch_size, tokenizer.pad_token_id, g.mask_truncated, shared)
                      for c in range(n_opt)]
-            olds = None if single_pass else [score_logprobs(policy, s, d.device, temp) for s in steps]
+            # pi_old's entropies for the entropy mask, unless one micro-batch per rank and a single pass: then its own forward's
+            need_ents = masking and not (single_pass and len(steps[0]) == 1)
+            olds, ents = old_policy_pass(policy, steps, d.device, temp, need_old=not single_pass, need_entropy=need_ents)
             refs = [None] * n_opt if reference is None else [score_logprobs(reference, s, d.device, temp) for s in steps]
 
         # 6. optimizer steps: mu passes over the rollout
         with phases("train"):
             policy.train()
             done = [optimizer_step(policy, optimizer, scheduler, s, None if olds is None else olds[c], refs[c], g,
-                                   o.max_grad_norm, d.device, temp)
+                                   o.max_grad_norm, d.device, temp, None if ents is None else ents[c])
                     for _ in range(g.updates_per_rollout) for c, s in enumerate(steps)]
 
         with phases("sync"):
@@ -260,7 +308,7 @@ def _run(cfg: Config, td: Teardown) -> int:
 
         # 7. log one dict (sums over ranks)
         keys = ("loss", "tokens", "entropy", "clip_low", "clip_high", "kl", "mismatch_kl", "mismatch_abs", "mismatch_outside",
-                "mismatch_tokens", "corrected")
+                "mismatch_tokens", "corrected", "emask_scored", "emask_kept", "emask_kept_entropy", "emask_dropped_entropy")
         sums = torch.tensor([sum(x[k] for x in done) for k in keys], dtype=torch.float64, device=d.device)
         torch.distributed.all_reduce(sums)
         total = dict(zip(keys, sums.tolist()))
@@ -294,6 +342,7 @@ def _run(cfg: Config, td: Teardown) -> int:
             "perf/generation_tokens_per_s": lengths.sum().item() / max(seconds["generate"], 1e-9),
             "perf/training_tokens_per_s": distributed.all_reduce_sum(trained, d.device) / max(seconds["train"], 1e-9),
             **phases.metrics(), **order_metrics,
+            **(mask_metrics(total, [x["entropy_threshold"] for x in done if not x["skipped"]]) if masking else {}),
         }
         logger.log(step + 1, metrics)
         evaluated = evaluator(step + 1, engine, logger)  # the eval rank only; the others wait at the next collective
@@ -316,5 +365,7 @@ def _run(cfg: Config, td: Teardown) -> int:
         maybe_fault("after_step", step + 1)
     else:
         if cfg.checkpoint.export_hf:
+            if has_lora(policy):
+                logger.print(f"exported the LoRA adapter (PEFT format) to {export_adapter(policy, f'{run_dir}/adapter')}")
             logger.print(f"exported Hugging Face model to {export_hf(policy, hf_conf, tokenizer, f'{run_dir}/hf', cfg.hardware.param_dtype)}")
     return 0

@@ -41,7 +41,7 @@ def run(cfg: Config) -> int:
 
 
 def _run(cfg: Config, td: Teardown) -> int:
-    d = distributed.init(cfg.hardware.device, cfg.hardware.collective_timeout_s)
+    d = distributed.init(cfg.hardware.device, cfg.hardware.collective_timeout_s, cfg.hardware.cpu_offload)
     td.add("process_group", distributed.shutdown)
     run_dir = distributed.agree_run_dir(cfg.run_dir, f"sft-{cfg.model.name}-{cfg.data.name}", resume_key(cfg))
     t = cfg.train

@@ -1,0 +1,56 @@
+"""A LoRA policy built as the trainer builds it (meta -> LoRA -> NF4 -> FSDP2, one process) and the transformers
+rollout engine: the sync sends the merged weights and the probe agrees once the adapters have changed; an engine
+that got the base weights without the adapters is caught by the probe; the adapters-off reference is the base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SMALL
+
+from grpo_fsdp import distributed
+from grpo_fsdp.cli import compose
+from grpo_fsdp.lora import BaseModel, adapters_disabled, lora_modules, merge_adapters
+from grpo_fsdp.models import build_policy, load_tokenizer
+from grpo_fsdp.recipes.grpo import sync_weights
+from grpo_fsdp.rollout.hf import HFEngine, stop_token_ids
+from grpo_fsdp.rollout.probe import WeightSyncError, check_sync, policy_prompt_logprobs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROBES = [[5, 9, 14, 20, 7, 3, 40, 41], [8, 2, 2, 11, 60]]
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["fp32", "nf4"])
+def test_merged_sync_passes_the_probe_and_a_missed_adapter_fails_it(nf4):
+    if nf4:
+        pytest.importorskip("torchao")
+    cfg = compose([*SMALL, "hardware.lora.enabled=true", "hardware.lora.rank=4", f"hardware.load_in_4bit={str(nf4).lower()}"])
+    d = distributed.init("cpu")
+    try:
+        tok = load_tokenizer(cfg.model)
+        policy, conf = build_policy(cfg.model, cfg.hardware, tok, d, 0, 64)
+        assert {type(m.weight.to_local() if hasattr(m.weight, "to_local") else m.weight).__name__
+                for _, m in lora_modules(policy)} == {"NF4Tensor" if nf4 else "Tensor"}
+        before = policy_prompt_logprobs(policy, PROBES)
+        for module in policy.modules():  # a forward leaves the root and last block gathered: back to the shards
+            if hasattr(module, "reshard"):
+                module.reshard()
+        with torch.no_grad():  # the adapters after some training: B != 0
+            gen = torch.Generator().manual_seed(3)
+            for _, m in lora_modules(policy):
+                local = m.lora_B.weight.to_local()
+                local.copy_(torch.randn(local.shape, generator=gen) * 0.3)
+        after = policy_prompt_logprobs(policy, PROBES)
+        assert max(float((a - b).abs().max()) for a, b in zip(after, before, strict=True)) > 0.05  # the adapters matter
+        reference = policy_prompt_logprobs(BaseModel(policy), PROBES)
+        for r, b in zip(reference, before, strict=True):
+            torch.testing.assert_close(r, b, rtol=0, atol=0)  # adapters off = the model before any update
+        engine = HFEngine(conf, stop_token_ids(tok, conf))
+        gap = sync_weights(policy, engine, PROBES, 1e-3, d.device)  # not the first sync: LoRA is probed anyway
+        assert gap is not None and gap < 1e-4
+        with adapters_disabled(policy):  # a sync that forgets the adapters sends the base weights
+            engine.load_weights(merge_adapters(policy))
+        with pytest.raises(WeightSyncError, match="weights did not sync"):
+            check_sync(engine, policy, PROBES, 1e-3, d.device)
+    finally:
+        distributed.shutdown()
