@@ -94,6 +94,13 @@ def _answer(completion: str) -> tuple[str, str]:
     return "tail", completion[-_FALLBACK_TAIL:]
 
 
+def answer_text(completion: str) -> str:
+    """The answer a reader sees graded: the last closed \\boxed{} content, or "" (no box, or a cut-off one;
+    `grade` then still tries the anchored fallback on the tail)."""
+    kind, text = _answer(completion)
+    return text if kind == "box" else ""
+
+
 def _grade_answer(kind: str, text: str, gold: str) -> tuple[bool, bool]:
     """(correct, an answer was extracted); no timeout here, the caller bounds the wall clock."""
     if kind == "box" and text.strip() and text.strip() == gold.strip():

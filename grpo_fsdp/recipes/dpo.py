@@ -29,7 +29,6 @@ from grpo_fsdp.config import Config, DPOConfig, OptimConfig, TrainConfig
 from grpo_fsdp.data.batching import batches_per_epoch, global_batch_indices, split_for_rank
 from grpo_fsdp.data.preference import load_pairs, tokenize_pairs
 from grpo_fsdp.export import export_hf
-from grpo_fsdp.faults import maybe_fault
 from grpo_fsdp.logging import make_logger
 from grpo_fsdp.models import build_policy, build_reference, load_tokenizer
 from grpo_fsdp.optim import build_optimizer
@@ -38,6 +37,7 @@ from grpo_fsdp.preemption import Preemption
 from grpo_fsdp.recipes.dpo_eval import held_out_pairs, reward_metrics, score
 from grpo_fsdp.recipes.dpo_pairs import budget_micro_batches, layout_pairs, pair_logps, processed_tokens
 from grpo_fsdp.recipes.dpo_reference import cache_dir, precompute
+from grpo_fsdp.recipes.step_end import checkpoint_after_step
 from grpo_fsdp.recipes.teardown import Teardown
 from grpo_fsdp.schedule import build_scheduler
 
@@ -181,7 +181,7 @@ def _run(cfg: Config, td: Teardown) -> int:
             "perf/tokens_per_s": all_tokens / seconds,
             "perf/step_seconds": seconds,
         }
-        done, every = step + 1 == steps, cfg.checkpoint.every_steps
+        done = step + 1 == steps
         if done and held_out:  # 6. the held-out pairs, scored by the final policy (dpo_eval.py)
             scores = score(policy, held_out, t.micro_batch_size, tokenizer.pad_token_id, a.shared_prefix, d.device)
             metrics.update(reward_metrics(scores, held_ref[:, 0], held_ref[:, 1], a.loss, a.beta, a.label_smoothing))
@@ -190,13 +190,9 @@ def _run(cfg: Config, td: Teardown) -> int:
         logger.log(step + 1, metrics)
         losses.append(metrics["train/loss"])
 
-        if distributed.any_rank(preempt.requested, d.device):
-            saved = ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
-            logger.print(preempt.saved(step + 1, saved, run_dir, d.rank))
+        if checkpoint_after_step(step + 1, done, cfg, ckpt, (policy, optimizer, scheduler, hf_conf, tokenizer), preempt,
+                                 logger, run_dir, d):
             return 0
-        if (done and cfg.checkpoint.save_final) or (every and (step + 1) % every == 0):
-            ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
-        maybe_fault("after_step", step + 1)
 
     if losses:
         logger.print(f"dpo: steps {start + 1}-{steps}, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "

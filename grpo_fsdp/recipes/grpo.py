@@ -37,7 +37,6 @@ from grpo_fsdp.data.lengths import fit_prompts
 from grpo_fsdp.data.loading import load_examples
 from grpo_fsdp.data.templates import encode_prompt, render_prompt
 from grpo_fsdp.export import export_adapter, export_hf
-from grpo_fsdp.faults import maybe_fault
 from grpo_fsdp.logging import make_logger
 from grpo_fsdp.lora import BaseModel, has_lora, merge_adapters
 from grpo_fsdp.models import build_policy, build_reference, hf_config, load_tokenizer
@@ -46,6 +45,7 @@ from grpo_fsdp.plan import BatchPlan
 from grpo_fsdp.preemption import Preemption
 from grpo_fsdp.recipes.periodic_eval import PeriodicEval
 from grpo_fsdp.recipes.rollout_batch import gather_rollout, micro_batches, rank_share, to_device
+from grpo_fsdp.recipes.step_end import checkpoint_after_step
 from grpo_fsdp.recipes.teardown import Teardown
 from grpo_fsdp.rewards import ConstantRewardWatch, RewardScorer, RewardWeights, timeout_warning
 from grpo_fsdp.rollout.base import SamplingConfig
@@ -355,14 +355,9 @@ def _run(cfg: Config, td: Teardown) -> int:
             logger.print(f"warning: {warning}")
 
         # 8. checkpoints: every N steps, at the end, and on SIGTERM
-        every = cfg.checkpoint.every_steps
-        if distributed.any_rank(preempt.requested, d.device):
-            saved = ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
-            logger.print(preempt.saved(step + 1, saved, run_dir, d.rank))
+        state = (policy, optimizer, scheduler, hf_conf, tokenizer)
+        if checkpoint_after_step(step + 1, step + 1 == t.max_steps, cfg, ckpt, state, preempt, logger, run_dir, d, improved):
             break
-        if (step + 1 == t.max_steps and cfg.checkpoint.save_final) or (every and (step + 1) % every == 0) or improved:
-            ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
-        maybe_fault("after_step", step + 1)
     else:
         if cfg.checkpoint.export_hf:
             if has_lora(policy):

@@ -25,12 +25,12 @@ from grpo_fsdp.data.batching import global_batch_indices, split_for_rank
 from grpo_fsdp.data.loading import load_examples
 from grpo_fsdp.data.sft import collate, tokenize_sft
 from grpo_fsdp.export import export_hf
-from grpo_fsdp.faults import maybe_fault
 from grpo_fsdp.logging import make_logger
 from grpo_fsdp.models import build_policy, load_tokenizer
 from grpo_fsdp.optim import build_optimizer
 from grpo_fsdp.plan import BatchPlan
 from grpo_fsdp.preemption import Preemption
+from grpo_fsdp.recipes.step_end import checkpoint_after_step
 from grpo_fsdp.recipes.teardown import Teardown
 from grpo_fsdp.schedule import build_scheduler
 
@@ -114,15 +114,9 @@ def _run(cfg: Config, td: Teardown) -> int:
         logger.log(step + 1, metrics)
         losses.append(metrics["train/loss"])
 
-        done = step + 1 == t.max_steps
-        every = cfg.checkpoint.every_steps
-        if distributed.any_rank(preempt.requested, d.device):
-            saved = ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
-            logger.print(preempt.saved(step + 1, saved, run_dir, d.rank))
+        state = (policy, optimizer, scheduler, hf_conf, tokenizer)
+        if checkpoint_after_step(step + 1, step + 1 == t.max_steps, cfg, ckpt, state, preempt, logger, run_dir, d):
             return 0
-        if (done and cfg.checkpoint.save_final) or (every and (step + 1) % every == 0):
-            ckpt.save(step + 1, policy, optimizer, scheduler, step + 1, hf_conf, tokenizer)
-        maybe_fault("after_step", step + 1)
 
     if losses:
         logger.print(f"sft: steps {start + 1}-{t.max_steps}, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "

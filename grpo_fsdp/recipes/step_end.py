@@ -1,0 +1,29 @@
+"""What every recipe does after an optimizer step: the checkpoint rule and the preemption exit.
+
+    SIGTERM seen by any rank  -> save now, print the resume line, and tell the caller to stop
+    the last step (checkpoint.save_final), every checkpoint.every_steps, a new best -> save
+    then the fault-injection point `after_step` (tests kill a run here: faults.py)
+
+One function so that SFT, GRPO and DPO cannot drift apart on when a run is resumable.
+"""
+
+from __future__ import annotations
+
+from grpo_fsdp import distributed
+from grpo_fsdp.faults import maybe_fault
+
+
+def checkpoint_after_step(step: int, done: bool, cfg, ckpt, state: tuple, preempt, logger, run_dir: str, d,
+                          improved: bool = False) -> bool:
+    """After optimizer step `step` (1-based). `state` = (policy, optimizer, scheduler, hf_conf, tokenizer).
+    Returns True when the run must stop (preempted: saved, resume line printed); a collective on every rank."""
+    policy, optimizer, scheduler, hf_conf, tokenizer = state
+    if distributed.any_rank(preempt.requested, d.device):
+        saved = ckpt.save(step, policy, optimizer, scheduler, step, hf_conf, tokenizer)
+        logger.print(preempt.saved(step, saved, run_dir, d.rank))
+        return True
+    every = cfg.checkpoint.every_steps
+    if (done and cfg.checkpoint.save_final) or (every and step % every == 0) or improved:
+        ckpt.save(step, policy, optimizer, scheduler, step, hf_conf, tokenizer)
+    maybe_fault("after_step", step)
+    return False
