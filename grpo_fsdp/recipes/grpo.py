@@ -51,6 +51,7 @@ from grpo_fsdp.rewards import ConstantRewardWatch, RewardScorer, RewardWeights, 
 from grpo_fsdp.rollout.base import SamplingConfig
 from grpo_fsdp.rollout.factory import engine_from_config, probe_tolerance
 from grpo_fsdp.rollout.probe import check_sync
+from grpo_fsdp.rollout.vllm import VLLMEngine  # the class only: vllm itself is imported when an engine is built
 from grpo_fsdp.schedule import build_scheduler
 
 
@@ -233,6 +234,9 @@ def _run(cfg: Config, td: Teardown) -> int:
     plan = BatchPlan.from_config(cfg, d.world_size)
     scheduler = build_scheduler(optimizer, o, t.max_steps * plan.optimizer_steps_per_batch)
     engine = td.add("engine", engine_from_config(cfg, hf_conf, tokenizer, d.device, d.rank, run_dir))  # auto: vLLM if it imports
+    if cfg.hardware.lora.enabled and isinstance(engine, VLLMEngine) and d.rank == 0:  # issue 14 item 4: said once
+        print("info: LoRA with vLLM: each weight sync sends the merged weights W + (alpha/r)·B·A in "
+              f"{cfg.hardware.param_dtype}, not the adapters alone (adapter-only syncs are not built yet)", file=sys.stderr)
     probes, tolerance = prompts[: cfg.rollout.probe_prompts], probe_tolerance(cfg)
     watch = ConstantRewardWatch(g.constant_reward_warn_steps)
     evaluator = PeriodicEval(cfg.eval, d.rank, d.eval_rank, tokenizer, cfg.model.template, cfg.data.instruction, scorer,
