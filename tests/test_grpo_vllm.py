@@ -33,11 +33,14 @@ from test_grpo_recipe import GRPO, KEYS
 VLLM_SHAPE = ["model.arch.num_heads=2", "model.arch.num_kv_heads=1"]  # head_dim 32: a vLLM CPU kernel exists
 
 
-def test_grpo_runs_on_the_vllm_engine(tmp_path):
+# LoRA (slow, ~50 s more): vLLM serves the adapters on the base weights, probed at every sync (issue 14 item 4)
+@pytest.mark.parametrize("extra", [[], pytest.param(["hardware.lora.enabled=true", "optim.lr=1e-2"], marks=pytest.mark.slow)],
+                         ids=["full", "lora"])
+def test_grpo_runs_on_the_vllm_engine(tmp_path, extra):
     run_dir = tmp_path / "grpo_vllm"
     proc = run_train([*SMALL, *GRPO, *VLLM_SHAPE, f"run_dir={run_dir}", "rollout.engine=vllm", "hardware.vllm_kv_cache_gib=0.125",
                       "train.max_steps=2", "algo.prompts_per_step=4", "algo.group_size=2", "train.global_batch_size=8",
-                      "algo.max_new_tokens=8", "optim.warmup_steps=0"])
+                      "algo.max_new_tokens=8", "optim.warmup_steps=0", *extra])
     assert "info: rollout engine: vllm" in proc.stderr.splitlines()
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]

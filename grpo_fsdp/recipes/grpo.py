@@ -38,7 +38,7 @@ from grpo_fsdp.data.loading import load_examples
 from grpo_fsdp.data.templates import encode_prompt, render_prompt
 from grpo_fsdp.export import export_adapter, export_hf
 from grpo_fsdp.logging import make_logger
-from grpo_fsdp.lora import BaseModel, has_lora, merge_adapters
+from grpo_fsdp.lora import BaseModel, adapter_state_dict, adapters_disabled, has_lora, merge_adapters
 from grpo_fsdp.models import build_policy, build_reference, hf_config, load_tokenizer
 from grpo_fsdp.optim import build_optimizer
 from grpo_fsdp.plan import BatchPlan
@@ -51,7 +51,6 @@ from grpo_fsdp.rewards import ConstantRewardWatch, RewardScorer, RewardWeights, 
 from grpo_fsdp.rollout.base import SamplingConfig
 from grpo_fsdp.rollout.factory import engine_from_config, probe_tolerance
 from grpo_fsdp.rollout.probe import check_sync
-from grpo_fsdp.rollout.vllm import VLLMEngine  # the class only: vllm itself is imported when an engine is built
 from grpo_fsdp.schedule import build_scheduler
 
 
@@ -61,10 +60,17 @@ def sync_weights(policy, engine, probes: list[list[int]], tolerance: float, devi
     None when not probed: engines whose load is exact by construction (`probe_every_sync = False`,
     the transformers engine) are probed at the first sync only, which checks the name mapping and
     that both forwards agree; vLLM (its own loaders, sleep and wake) at every sync."""
-    # LoRA: the merged weights W + (alpha / r) B A, one tensor at a time (lora.merge_adapters), our own arithmetic:
-    # probed at every sync on any engine (4 prompts), the first sync (B = 0) could not catch a wrong merge
+    # LoRA: an engine that serves adapters (vLLM) gets the base weights once (and after a sleep(2)), then the adapters
+    # alone; any other gets the merged weights W + (alpha / r) B A, one tensor at a time (lora.merge_adapters).
+    # Probed at every sync either way (4 prompts): the first sync (B = 0) could not catch a wrong merge or adapter.
     lora = has_lora(policy)
-    engine.load_weights(merge_adapters(policy) if lora else ((name, p) for name, p in policy.named_parameters()))
+    if lora and getattr(engine, "serves_adapters", False):
+        if first or engine.needs_base_weights:
+            with adapters_disabled(policy):
+                engine.load_weights(merge_adapters(policy))
+        engine.load_adapters(adapter_state_dict(policy), policy.lora_info["adapter_config"])
+    else:
+        engine.load_weights(merge_adapters(policy) if lora else ((name, p) for name, p in policy.named_parameters()))
     if not probes or not (first or lora or getattr(engine, "probe_every_sync", True)):
         return None
     return check_sync(engine, policy, probes, tolerance, device)
@@ -234,9 +240,6 @@ def _run(cfg: Config, td: Teardown) -> int:
     plan = BatchPlan.from_config(cfg, d.world_size)
     scheduler = build_scheduler(optimizer, o, t.max_steps * plan.optimizer_steps_per_batch)
     engine = td.add("engine", engine_from_config(cfg, hf_conf, tokenizer, d.device, d.rank, run_dir))  # auto: vLLM if it imports
-    if cfg.hardware.lora.enabled and isinstance(engine, VLLMEngine) and d.rank == 0:  # issue 14 item 4: said once
-        print("info: LoRA with vLLM: each weight sync sends the merged weights W + (alpha/r)·B·A in "
-              f"{cfg.hardware.param_dtype}, not the adapters alone (adapter-only syncs are not built yet)", file=sys.stderr)
     probes, tolerance = prompts[: cfg.rollout.probe_prompts], probe_tolerance(cfg)
     watch = ConstantRewardWatch(g.constant_reward_warn_steps)
     evaluator = PeriodicEval(cfg.eval, d.rank, d.eval_rank, tokenizer, cfg.model.template, cfg.data.instruction, scorer,

@@ -105,10 +105,13 @@ def make_engine(
     sync_bucket_mb: float = 256,
     load_format: str = "auto",
     max_batch_size: int | None = None,
+    lora_rank: int = 0,
     log: Callable[[str], None] = _info,
 ) -> RolloutEngine:
     """The engine `kind` resolves to. The hf engine starts with random weights and the vLLM engine with
-    those of `model_dir`; either way the caller then syncs the policy's weights in (`load_weights`)."""
+    those of `model_dir`; either way the caller then syncs the policy's weights in (`load_weights`). lora_rank > 0
+    builds vLLM with LoRA slots of that rank (adapter-only syncs, `VLLMEngine.load_adapters`); the transformers
+    engine ignores it (it gets merged weights)."""
     from grpo_fsdp.rollout.hf import stop_token_ids
 
     stops = stop_token_ids(tokenizer, hf_conf)
@@ -123,21 +126,30 @@ def make_engine(
     path = model_dir() if callable(model_dir) else model_dir
     return VLLMEngine(path, stops, dtype=dtype, device=str(device), gpu_memory_utilization=gpu_memory_utilization,
                       kv_cache_memory_bytes=kv_cache_memory_bytes, max_model_len=max_model_len, seed=seed,
-                      enable_sleep_mode=enable_sleep_mode, sync_bucket_mb=sync_bucket_mb, load_format=load_format)
+                      enable_sleep_mode=enable_sleep_mode, sync_bucket_mb=sync_bucket_mb, load_format=load_format,
+                      lora_rank=lora_rank)
 
 
 def engine_from_config(cfg, hf_conf, tokenizer, device: torch.device, rank: int, run_dir: str) -> RolloutEngine:
     """The training run's engine from its `Config` (rollout.*, hardware.*, the lengths of data/algo/eval).
 
     vLLM starts from config + tokenizer written to `<run_dir>/engine/rank<r>` with dummy weights
-    (nothing is exported or read twice); the trainer's first `load_weights` brings every weight.
+    (nothing is exported or read twice); the trainer's first `load_weights` brings every weight. With LoRA, vLLM
+    serves the adapters (ranks up to 512; above that it gets merged weights, said once).
     """
     from grpo_fsdp.models import DTYPES
+    from grpo_fsdp.rollout.vllm import lora_slot_rank
 
     r, hw = cfg.rollout, cfg.hardware
     longest_new = max(cfg.algo.max_new_tokens, cfg.eval.max_new_tokens or (1024 if cfg.eval.tasks else 0))
     limit = getattr(hf_conf, "max_position_embeddings", 4096)
     max_model_len = min(limit, max(4096, cfg.data.max_prompt_length + longest_new))
+
+    lora_rank = hw.lora.rank if hw.lora.enabled else 0
+    if lora_rank and lora_slot_rank(lora_rank) is None:
+        _info(f"LoRA rank {lora_rank} is above vLLM's largest adapter rank: a vLLM engine gets the merged weights "
+              f"W + (alpha/r)·B·A in {hw.param_dtype} at each sync")
+        lora_rank = 0
 
     def model_dir() -> Path:
         path = Path(run_dir) / "engine" / f"rank{rank}"
@@ -149,7 +161,7 @@ def engine_from_config(cfg, hf_conf, tokenizer, device: torch.device, rank: int,
                        dtype=DTYPES[hw.param_dtype], gpu_memory_utilization=hw.vllm_memory_share,
                        kv_cache_memory_bytes=int(hw.vllm_kv_cache_gib * 2**30) or None, max_model_len=max_model_len,
                        seed=cfg.train.seed, sync_bucket_mb=r.sync_bucket_mb, load_format="dummy",
-                       max_batch_size=r.max_batch_size or None)
+                       max_batch_size=r.max_batch_size or None, lora_rank=lora_rank)
 
 
 def probe_tolerance(cfg) -> float:

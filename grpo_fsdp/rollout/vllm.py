@@ -26,6 +26,11 @@ Where this departs from vLLM's defaults, and why:
   worker's `reload_weights` in buckets of about `sync_bucket_mb`, cut only between decoder layers: vLLM
   fuses q/k/v and gate/up into one tensor, and a layer reloaded from half its parts would be half
   garbage. The prefix cache is reset afterwards (it holds keys/values of the old weights).
+- LoRA (`lora_rank` > 0, issue 14 item 4): the engine is built with vLLM's LoRA support (`enable_lora`, one slot,
+  `max_lora_rank` the smallest vLLM allows >= the rank), holds the base weights (the first sync, and again after
+  a `sleep(2)`), and a sync sends the adapters alone (`load_adapters`): a PEFT directory per sync, served as a new
+  `LoRARequest` (the previous one is removed, so no stale adapter or prefix-cache entry can answer). Megabytes
+  per sync instead of the model; the probe scores through the adapter like generation does.
 - Tied embeddings: on CPU vLLM prepacks the LM head at load. The trainer's `named_parameters()` yields
   a tied weight once, as `model.embed_tokens.weight`, and a reload that sees only that name leaves the
   packed head stale (DESIGN.md; reproduced in tests/test_rollout_vllm.py). After a sync that touched
@@ -45,6 +50,8 @@ import logging
 import os
 import random
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -58,6 +65,12 @@ _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped
 _LAYER = re.compile(r"^(model\.layers\.\d+)\.")  # weights that vLLM may fuse share this prefix
 _RELOAD_LOGGERS = tuple(f"vllm.model_executor.model_loader.reload.{m}" for m in ("inplace", "layerwise"))
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's LoRAConfig.max_lora_rank accepts
+
+
+def lora_slot_rank(rank: int) -> int | None:
+    """vLLM's max_lora_rank for adapters of `rank`: the smallest allowed value >= rank; None above 512."""
+    return next((r for r in MAX_LORA_RANKS if r >= rank), None)
 
 
 def _mix_seed(seed: int) -> int:
@@ -127,6 +140,7 @@ class VLLMEngine:
         as a share of host memory, so prefer `kv_cache_memory_bytes` there.
     enable_sleep_mode: None = on CUDA only (the CPU worker ignores sleep).
     sync_bucket_mb: weights per `reload_weights` call during a sync (whole decoder layers).
+    lora_rank: > 0 serves LoRA adapters of that rank (at most 512) on the base weights (`load_adapters`).
     llm_kwargs: passed to `vllm.LLM` as they are (e.g. enforce_eager, max_num_seqs).
     """
 
@@ -145,6 +159,7 @@ class VLLMEngine:
         enable_prefix_caching: bool = True,
         sync_bucket_mb: float = 256,
         load_format: str = "auto",
+        lora_rank: int = 0,
         **llm_kwargs,
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read when the LLM is built
@@ -162,6 +177,11 @@ class VLLMEngine:
         # not use offset": the discarded partial-prefill sample is rewound by a CUDA-only generator call,
         # see vllm-project/vllm#10097), so prompts are prefilled whole there.
         cpu_defaults = {} if device.startswith("cuda") else {"enable_chunked_prefill": False}
+        if lora_rank > 0:
+            slot = lora_slot_rank(lora_rank)
+            if slot is None:
+                raise ValueError(f"VLLMEngine: lora_rank={lora_rank} is above vLLM's largest ({MAX_LORA_RANKS[-1]})")
+            llm_kwargs = {"enable_lora": True, "max_loras": 1, "max_lora_rank": slot, **llm_kwargs}
         rng = (random.getstate(), torch.get_rng_state())  # in-process, vLLM seeds the global generators
         self.llm = LLM(
             model=str(model_dir), dtype=self.dtype, seed=seed, max_model_len=max_model_len,
@@ -178,7 +198,11 @@ class VLLMEngine:
         self.exact_truncated_logprobs = all(self.llm.collective_rpc(_install_untruncated_logprobs))
         self._asleep = 0
         self._reload_all = load_format == "dummy"  # also after sleep(2): the next load_weights brings every weight
+        self.serves_adapters = lora_rank > 0
+        self.lora_request = None  # the adapter of the last sync (vllm.lora.request.LoRARequest)
+        self._adapter_root = Path(tempfile.mkdtemp(prefix="grpo-lora-")) if self.serves_adapters else None
         self.last_sync_seconds = 0.0
+        self.last_sync_bytes = 0
         self.last_stats = GenerationStats()
         self.total_stats = GenerationStats()
 
@@ -214,7 +238,8 @@ class VLLMEngine:
                                      top_k=sampling.top_k or -1, seed=None if base is None else _mix_seed(base + key),
                                      **common) for key in keys]
         start = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in requests], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in requests], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         seconds = time.perf_counter() - start
 
         completions = []
@@ -242,7 +267,8 @@ class VLLMEngine:
 
         self._require_ready("prompt_logprobs")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         # prompt_logprobs[0] is None (nothing predicts the first token)
         return [torch.tensor([lp[t].logprob for lp, t in zip(o.prompt_logprobs[1:], p[1:])])
                 for o, p in zip(outputs, prompts)]
@@ -259,7 +285,7 @@ class VLLMEngine:
         self._require_ready("load_weights", weights_needed=False)
         start = time.perf_counter()
         bucket: list[tuple[str, torch.Tensor]] = []
-        size, group, touched_embedding = 0, None, False
+        size, total, group, touched_embedding = 0, 0, None, False
         quiet = [logging.getLogger(n) for n in _RELOAD_LOGGERS]  # each partial reload warns of every weight it lacks
         levels = [q.level for q in quiet]
         try:
@@ -280,6 +306,7 @@ class VLLMEngine:
                 touched_embedding |= name == "model.embed_tokens.weight"
                 bucket.append((name, tensor))
                 size += tensor.numel() * tensor.element_size()
+                total += tensor.numel() * tensor.element_size()
             if bucket:
                 self._reload(bucket)
         finally:
@@ -290,6 +317,34 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached keys/values were computed with the old weights
         self._reload_all = False
         self.last_sync_seconds = time.perf_counter() - start
+        self.last_sync_bytes = total
+
+    @property
+    def needs_base_weights(self) -> bool:
+        """True until a full `load_weights` (dummy start) and again after `sleep(2)` discarded the weights."""
+        return self._reload_all
+
+    def load_adapters(self, adapters: dict[str, torch.Tensor], adapter_config: dict) -> None:
+        """Serve these LoRA adapters (full tensors under their Hugging Face module names, `lora.adapter_state_dict`)
+        from now on: written as a PEFT directory and activated as a new `LoRARequest`; the previous one is removed."""
+        from vllm.lora.request import LoRARequest
+
+        from grpo_fsdp.export import write_adapter_dir
+
+        self._require_ready("load_adapters")
+        if not self.serves_adapters:
+            raise RuntimeError("VLLMEngine.load_adapters: the engine was built without LoRA (lora_rank=0)")
+        start = time.perf_counter()
+        previous = self.lora_request
+        serial = 1 if previous is None else previous.lora_int_id + 1
+        path = write_adapter_dir(adapters, adapter_config, self._adapter_root / f"sync{serial}")
+        self.lora_request = LoRARequest(f"sync{serial}", serial, str(path))
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+        self.last_sync_seconds = time.perf_counter() - start
+        self.last_sync_bytes = sum(t.numel() * 4 for t in adapters.values())  # written in fp32
 
     def _reload(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket, "is_checkpoint_format": True})
@@ -320,6 +375,8 @@ class VLLMEngine:
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
+        if self._adapter_root is not None:
+            shutil.rmtree(self._adapter_root, ignore_errors=True)
 
     def _require_ready(self, what: str, weights_needed: bool = True) -> None:
         if self.llm is None:
@@ -331,4 +388,4 @@ class VLLMEngine:
                                "sleep(level=2)); call load_weights with the full state dict first")
 
 
-__all__ = ["VLLMEngine", "WeightSyncError", "policy_prompt_logprobs"]
+__all__ = ["MAX_LORA_RANKS", "VLLMEngine", "WeightSyncError", "lora_slot_rank", "policy_prompt_logprobs"]
