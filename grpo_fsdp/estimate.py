@@ -52,10 +52,9 @@ fragmentation, the reference's gathered blocks during its forward, Python object
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
-from grpo_fsdp.config import ArchConfig, Config, ConfigError, GRPOConfig
+from grpo_fsdp.config import ArchConfig, Config, GRPOConfig
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -264,7 +263,7 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
             layer_base = plain_layer_bytes + nf4_bytes
         if hw.load_in_4bit and nf4_layer < pb.layer_linear:
             notes.append(f"NF4 holds the LoRA targets' weights ({_count(nf4_layer * pb.num_layers)} params); the other "
-                         f"block linears stay in {hw.param_dtype} ({_gib((pb.layer_linear - nf4_layer) * pb.num_layers * c)})")
+                         f"block linears stay in {hw.param_dtype} ({gib((pb.layer_linear - nf4_layer) * pb.num_layers * c)})")
         root_bytes = pb.root * c
         base_sharded = (pb.num_layers * layer_base + root_bytes) / n  # frozen base in its storage format
         adapter_sharded = 4 * lora / n  # fp32 master copy
@@ -360,13 +359,13 @@ def _engine_bytes(cfg: Config, weights: float, kv: int) -> tuple[float, float, s
     hw, kind = cfg.hardware, cfg.rollout.engine
     if hw.device == "cuda" and hw.gpu_memory_gib > 0:
         vllm = hw.vllm_memory_share * hw.gpu_memory_gib * GIB
-        vllm_note = f"vLLM reserves hardware.vllm_memory_share={hw.vllm_memory_share:g} of the device ({_gib(vllm)}, weights + KV cache)"
+        vllm_note = f"vLLM reserves hardware.vllm_memory_share={hw.vllm_memory_share:g} of the device ({gib(vllm)}, weights + KV cache)"
     else:  # vLLM on the CPU: its copy of the weights and the fixed hardware.vllm_kv_cache_gib
         vllm = weights + hw.vllm_kv_cache_gib * GIB
-        vllm_note = f"vLLM holds its {hw.param_dtype} weights and a {hw.vllm_kv_cache_gib:g} GiB KV cache ({_gib(vllm)})"
+        vllm_note = f"vLLM holds its {hw.param_dtype} weights and a {hw.vllm_kv_cache_gib:g} GiB KV cache ({gib(vllm)})"
     hf = weights + kv
-    hf_note = (f"the transformers engine holds its own unsharded {hw.param_dtype} copy of the weights ({_gib(weights)}) "
-               f"and a KV cache of {_gib(kv)}")
+    hf_note = (f"the transformers engine holds its own unsharded {hw.param_dtype} copy of the weights ({gib(weights)}) "
+               f"and a KV cache of {gib(kv)}")
     asleep = "asleep while training (rollout.sleep_level=1 parks the weights in host memory, 2 drops them)"
     if kind == "hf":
         return hf, weights, f"rollout engine: {hf_note}, {asleep}"
@@ -376,7 +375,7 @@ def _engine_bytes(cfg: Config, weights: float, kv: int) -> tuple[float, float, s
             f"rollout engine (auto, the larger is counted): {vllm_note}; {hf_note}; {asleep}")
 
 
-def _gib(x: float) -> str:
+def gib(x: float) -> str:
     return f"{x / GIB:.2f} GiB" if x >= GIB / 2 else f"{x / 2**20:.1f} MiB"
 
 
@@ -390,37 +389,37 @@ def plan_rows(est: MemoryEstimate, cfg: Config | None = None) -> list[tuple[str,
             ("world size", str(est.world_size))]
     if est.base_weights or est.adapters:
         fmt = "4-bit NF4" if cfg is not None and cfg.hardware.load_in_4bit else "frozen"
-        rows += [(f"base weights ({fmt})", _gib(est.base_weights)), ("adapters (fp32 + gathered)", _gib(est.adapters))]
+        rows += [(f"base weights ({fmt})", gib(est.base_weights)), ("adapters (fp32 + gathered)", gib(est.adapters))]
     else:
-        rows.append(("weights", _gib(est.weights)))
+        rows.append(("weights", gib(est.weights)))
     host = " (sharded state on the host: CPU offload)" if est.cpu_bytes else ""
-    rows += [("gradients", _gib(est.gradients) + (host if not est.gradients else "")),
-             ("optimizer", _gib(est.optimizer) + (host if not est.optimizer else ""))]
+    rows += [("gradients", gib(est.gradients) + (host if not est.gradients else "")),
+             ("optimizer", gib(est.optimizer) + (host if not est.optimizer else ""))]
     what = "activations"
     if cfg is not None:
         tokens, _ = micro_batch_tokens(cfg)
         ac = "with" if cfg.hardware.activation_checkpointing else "without"
         what = f"activations ({cfg.train.micro_batch_size} seq, {tokens} tokens, {ac} checkpointing)"
-    rows += [(what, _gib(est.activations)), ("log-prob chunk (fp32 logits)", _gib(est.logits))]
+    rows += [(what, gib(est.activations)), ("log-prob chunk (fp32 logits)", gib(est.logits))]
     if est.transient:
-        rows.append(("transient (head grad / NF4 dequant)", _gib(est.transient)))
+        rows.append(("transient (head grad / NF4 dequant)", gib(est.transient)))
     if est.reference:
-        rows.append(("reference model", _gib(est.reference)))
+        rows.append(("reference model", gib(est.reference)))
     if est.generation:  # GRPO: the engine generates while the trainer's gradients and activations are gone
-        kv = f", KV cache {_gib(est.kv_cache)}" if est.kv_cache else ""
-        rows += [("rollout engine", f"{_gib(est.engine)} (while generating{kv})"), ("training phase", _gib(est.training)),
-                 ("generation phase", _gib(est.generation))]
+        kv = f", KV cache {gib(est.kv_cache)}" if est.kv_cache else ""
+        rows += [("rollout engine", f"{gib(est.engine)} (while generating{kv})"), ("training phase", gib(est.training)),
+                 ("generation phase", gib(est.generation))]
     else:
-        rows.append(("training phase", _gib(est.training)))
+        rows.append(("training phase", gib(est.training)))
     if est.loading:
-        rows.append(("loading phase (full fp32 copy)", _gib(est.loading)))
+        rows.append(("loading phase (full fp32 copy)", gib(est.loading)))
     if est.cuda_context:
-        rows.append(("CUDA context", _gib(est.cuda_context)))
+        rows.append(("CUDA context", gib(est.cuda_context)))
     if est.host_runtime:
-        rows.append(("host runtime (data, threads)", _gib(est.host_runtime)))
-    rows.append(("total per device", _gib(est.total)))
+        rows.append(("host runtime (data, threads)", gib(est.host_runtime)))
+    rows.append(("total per device", gib(est.total)))
     if est.cpu_bytes:
-        rows.append(("offloaded to CPU per rank", _gib(est.cpu_bytes)))
+        rows.append(("offloaded to CPU per rank", gib(est.cpu_bytes)))
     return rows
 
 
@@ -440,94 +439,3 @@ def format_table(est: MemoryEstimate, gpu_memory_gib: float, cfg: Config | None 
             lines.append(f"fits: NO ({share}){tip}")
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
-
-
-def largest_items(est: MemoryEstimate, k: int = 3) -> list[tuple[str, int]]:
-    """The k largest items of the peak phase, largest first: what a refusal names."""
-    items = {"activations": est.activations, "log-prob chunk": est.logits, "gradients": est.gradients,
-             "optimizer": est.optimizer, "reference model": est.reference, "transient": est.transient}
-    if est.base_weights or est.adapters:
-        items.update({"base weights": est.base_weights, "adapters": est.adapters})
-    else:
-        items["weights"] = est.weights
-    if est.generation > est.training:  # the generation phase is the peak: the engine and its cache
-        items = {"rollout engine": est.engine - est.kv_cache, "KV cache": est.kv_cache, "weights": est.weights,
-                 "optimizer": est.optimizer, "reference model": est.reference}
-    return sorted(((n, v) for n, v in items.items() if v > 0), key=lambda x: -x[1])[:k]
-
-
-# ------------------------------------------------------------------------------------------------
-# A plan over the device: which items are largest, and overrides that make it fit
-# ------------------------------------------------------------------------------------------------
-def _set(cfg: Config, dotted: str, value) -> Config:
-    """A copy of `cfg` with one dotted field replaced (the typed dataclasses, not Hydra)."""
-    out = copy.deepcopy(cfg)
-    *path, leaf = dotted.split(".")
-    node = out
-    for part in path:
-        node = getattr(node, part)
-    setattr(node, leaf, value)
-    return out
-
-
-def _moves(cfg: Config, world_size: int) -> list[tuple[str, object]]:
-    """Single changes that lower the plan without changing what is learned (same batch, same lengths), then
-    (last) shorter completions. A micro-batch is halved only while it still divides the per-rank batch."""
-    hw, t, moves = cfg.hardware, cfg.train, []
-    if not hw.activation_checkpointing:
-        moves.append(("hardware.activation_checkpointing", True))
-    m = t.micro_batch_size
-    if m > 1 and m % 2 == 0 and t.global_batch_size % (m // 2 * world_size) == 0:
-        moves.append(("train.micro_batch_size", m // 2))
-    if t.logprob_chunk_size >= 128:
-        moves.append(("train.logprob_chunk_size", t.logprob_chunk_size // 2))
-    if not hw.cpu_offload:
-        moves.append(("hardware.cpu_offload", True))
-    if not hw.lora.enabled:
-        moves.append(("hardware.lora.enabled", True))
-    elif not hw.load_in_4bit:
-        moves.append(("hardware.load_in_4bit", True))
-    if not hw.reshard_after_forward:
-        moves.append(("hardware.reshard_after_forward", True))
-    if isinstance(cfg.algo, GRPOConfig):
-        rows = cfg.rollout.max_batch_size or cfg.algo.prompts_per_step // world_size * cfg.algo.group_size
-        if rows > 1 and cfg.rollout.engine != "vllm":  # sequences the transformers engine decodes together: its KV cache
-            moves.append(("rollout.max_batch_size", rows // 2))
-    return moves
-
-
-def fitting_overrides(cfg: Config, world_size: int, cap_bytes: float, max_rounds: int = 24) -> tuple[list[str], int] | None:
-    """Overrides (key=value) that bring the plan under `cap_bytes`, found greedily (each round takes the single
-    move that lowers the total most), and the plan's total with them; None when no combination fits."""
-    chosen: dict[str, object] = {}
-    current, total = cfg, estimate_memory(cfg, world_size).total
-    for _ in range(max_rounds):
-        if total <= cap_bytes:
-            return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in chosen.items()], total
-        tried = [(estimate_memory(c := _set(current, k, v), world_size).total, k, v, c) for k, v in _moves(current, world_size)]
-        if not tried or (best := min(tried, key=lambda x: x[0]))[0] >= total:
-            return None
-        total, key, value, current = best
-        chosen[key] = value
-    return None
-
-
-def check_fits(cfg: Config, world_size: int) -> None:
-    """Refuse (`ConfigError`, one line) a CUDA plan over `hardware.gpu_memory_gib`: the largest items and an
-    override that fits. Nothing to check on a CPU device or without a device size."""
-    hw = cfg.hardware
-    if hw.device != "cuda" or hw.gpu_memory_gib <= 0:
-        return
-    cap = hw.gpu_memory_gib * GIB
-    est = estimate_memory(cfg, world_size)
-    if est.total <= cap:
-        return
-    largest = ", ".join(f"{name} {_gib(v)}" for name, v in largest_items(est))
-    problem = f"the memory plan needs {_gib(est.total)} per device, over {hw.gpu_memory_gib:g} GiB (largest: {largest})"
-    found = fitting_overrides(cfg, world_size, cap)
-    if found:
-        fix = f"try {' '.join(found[0])} (plan {_gib(found[1])})"
-    else:
-        fix = "lower algo.group_size, algo.max_new_tokens or data.max_prompt_length"
-    raise ConfigError("hardware.gpu_memory_gib", problem,
-                      f"{fix}, or set hardware.gpu_memory_gib to the device's real size (dry_run=true prints the plan)")

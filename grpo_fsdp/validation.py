@@ -14,8 +14,8 @@ import importlib.util
 import os
 
 from grpo_fsdp.config import ALGO_SCHEMAS, Config, ConfigError, DPOConfig, GRPOConfig, OptimConfig
-from grpo_fsdp.estimate import check_fits
 from grpo_fsdp.grpo_attention import KERNELS, unavailable
+from grpo_fsdp.memory_fit import check_fits
 from grpo_fsdp.plan import BatchPlan
 from grpo_fsdp.preflight import check_vllm_memory, check_wandb
 
@@ -130,7 +130,7 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
     _validate_curriculum(cfg)
     if type(cfg.algo).__name__ not in {s.__name__ for s in ALGO_SCHEMAS.values()}:
         raise ConfigError("algo", f"unknown algorithm {cfg.algo!r}", f"choose one of {', '.join(ALGO_SCHEMAS)}")
-    check_fits(cfg, world_size)  # the memory plan (estimate.py) over hardware.gpu_memory_gib: largest items, an override that fits
+    check_fits(cfg, world_size)  # the memory plan (estimate.py, memory_fit.py) over hardware.gpu_memory_gib: largest items, an override that fits
     check_wandb(cfg)
 
 

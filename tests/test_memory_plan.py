@@ -18,14 +18,13 @@ from grpo_fsdp.estimate import (
     GIB,
     activation_bytes,
     block_saved_bytes,
-    check_fits,
     estimate_memory,
-    fitting_overrides,
     format_table,
     kv_cache_bytes,
     logits_bytes,
     micro_batch_tokens,
 )
+from grpo_fsdp.memory_fit import check_fits, fitting_overrides
 from grpo_fsdp.validation import validate
 
 PRESET = "experiment=deepseek-r1-distill-1.5b-gpu8gb"
