@@ -24,7 +24,7 @@ What runs, in one invocation:
      rollouts, `rollout.engine=hf` to match TRL's engine kind; reward worker pool, FSDP2 policy with
      the chunked LM head, metrics.jsonl).
   2. TRL: `GRPOTrainer` in its own process (this file with `--side trl`), `use_vllm=False`, so it
-     generates with `model.generate` on the training model; the reward is `grpo_fsdp.rewards.grade`
+     generates with `model.generate` on the training model; the reward is `grpo_fsdp.grading.grade`
      called in-process (ours grades the same function in worker processes with a timeout).
 
 Matched settings: the same weights, prompts (the chat-rendered arithmetic prompts of the default
@@ -353,7 +353,7 @@ def trl_side(a: argparse.Namespace) -> None:
     from grpo_fsdp.data.batching import global_batch_indices
     from grpo_fsdp.data.loading import load_examples
     from grpo_fsdp.data.templates import encode_prompt, render_prompt
-    from grpo_fsdp.rewards import grade
+    from grpo_fsdp.grading import grade
 
     # the same prompts, filtered and ordered exactly as recipes/grpo.py does
     cfg = compose(our_overrides(a, a.model_dir))

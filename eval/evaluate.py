@@ -20,7 +20,7 @@ Definitions (over samples, n per problem; with the default greedy k = n = 1 a sa
                      this is the unbiased pass@1)
   skipped_too_long   problems not generated because prompt + max_new_tokens > the engine's context
   valid_format_rate  of the generated samples: those that stopped on their own (not cut at max_new_tokens) and pass
-                     `rewards.format_ok` (one closed \\boxed{} near the end). Departure from the
+                     `grading.format_ok` (one closed \\boxed{} near the end). Departure from the
                      training reward's format term: truncation is read from the engine's
                      finish_reason rather than from length < max_new_tokens, so a completion whose
                      EOS lands exactly on the last allowed token counts as finished.
@@ -42,7 +42,8 @@ from typing import Any
 from eval.metrics import answer_key, breakdown, majority_index, pass_at_k, rate
 from grpo_fsdp.data.records import Example
 from grpo_fsdp.data.templates import INSTRUCTION, encode_prompt, render_prompt
-from grpo_fsdp.rewards import RewardScorer, format_ok
+from grpo_fsdp.grading import format_ok
+from grpo_fsdp.rewards import RewardScorer
 from grpo_fsdp.rollout.base import Completion, RolloutEngine, SamplingConfig, fits_context
 
 SAMPLING_TEMPERATURE = 1.0  # default when k > 1: the training sampler's default (GRPOConfig.temperature)

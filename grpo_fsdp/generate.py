@@ -183,7 +183,7 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE + " ".join(f"{k}=" for k in GenerateOptions.__dataclass_fields__) + "  (see grpo_fsdp/generate.py)")
         return 0
-    from grpo_fsdp.rewards import answer_text
+    from grpo_fsdp.grading import answer_text
 
     tokenizer, questions, completions = generate(parse_options(argv))
     for c in completions:

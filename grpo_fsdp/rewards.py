@@ -1,5 +1,5 @@
 """Rewards for GRPO: math-verify correctness, an optional format reward and DAPO's soft overlong
-penalty, graded in persistent worker processes with a per-sample wall-clock timeout.
+penalty, graded (`grading.py`) in persistent worker processes with a per-sample wall-clock timeout.
 
     reward_i = w.correct * correct_i + w.format * format_i + w.overlong_penalty * overlong_i
 
@@ -28,7 +28,6 @@ times out or crashes keeps its overlong penalty (it does not depend on grading).
 
 from __future__ import annotations
 
-import logging
 import math
 import multiprocessing as mp
 import os
@@ -37,32 +36,14 @@ import time
 from collections import deque
 from contextlib import suppress
 from dataclasses import dataclass, field
-from functools import lru_cache
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-from grpo_fsdp.answer_units import strip_units
-from grpo_fsdp.data.math_dataset import last_boxed
 from grpo_fsdp.faults import maybe_fault
+from grpo_fsdp.grading import find_answer, format_ok, grade_answer, overlong_penalty, parse_gold
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+; pyproject and the Docker image allow 3.10
     from typing_extensions import Self
-
-# math-verify warns once that its timeout is disabled; the parent's wall clock replaces it.
-logging.getLogger("math_verify").setLevel(logging.ERROR)
-
-_BOXED = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
-# Without a box, only anchored answers ("the final answer is $18$"): a bare last number anywhere
-# in the text would reward a policy that sprays numbers.
-_ANCHORED = [
-    LatexExtractionConfig(try_extract_without_anchor=False, boxed_match_priority=0),
-    ExprExtractionConfig(try_extract_without_anchor=False),
-]
-_FALLBACK_TAIL = 1000  # characters searched for an anchored answer when there is no box
-_FORMAT_TAIL = 64  # characters allowed after the box ("$.", "The answer is ...") for format_ok
-
 
 @dataclass(frozen=True)
 class RewardWeights:
@@ -72,85 +53,6 @@ class RewardWeights:
     format: float = 0.0
     overlong_penalty: float = 0.0
     overlong_buffer: int = 0
-
-
-# ---------------------------------------------------------------- pure grading functions
-
-
-@lru_cache(maxsize=4096)  # each prompt's gold repeats G times per step and across epochs
-def _parse_gold(gold: str) -> list:
-    return parse(f"\\boxed{{{strip_units(gold)}}}", _BOXED, parsing_timeout=None)
-
-
-def _answer(completion: str) -> tuple[str, str]:
-    """What gets graded: ("box", last box content), ("tail", last chars) when there is no box at
-    all, or ("none", "") when the last box never closes: a cut-off answer must not score as an
-    earlier box that the anchored fallback would find."""
-    boxed = last_boxed(completion)
-    if boxed is not None:
-        return "box", boxed
-    if "\\boxed" in completion or "\\fbox" in completion:
-        return "none", ""
-    return "tail", completion[-_FALLBACK_TAIL:]
-
-
-def answer_text(completion: str) -> str:
-    """The answer a reader sees graded: the last closed \\boxed{} content, or "" (no box, or a cut-off one;
-    `grade` then still tries the anchored fallback on the tail)."""
-    kind, text = _answer(completion)
-    return text if kind == "box" else ""
-
-
-def _grade_answer(kind: str, text: str, gold: str) -> tuple[bool, bool]:
-    """(correct, an answer was extracted); no timeout here, the caller bounds the wall clock."""
-    if kind == "box" and text.strip() and text.strip() == gold.strip():
-        return True, True  # identical strings: skip sympy (the common case once a policy learns)
-    if kind == "none":
-        return False, False
-    if kind == "box":
-        text = strip_units(text)
-        if text.strip() == strip_units(gold).strip():
-            return True, True  # 20\\% against 20
-        pred = parse(f"\\boxed{{{text}}}", _BOXED, parsing_timeout=None)
-    else:
-        pred = parse(text, _ANCHORED, parsing_timeout=None)
-    if not pred:
-        return False, False
-    gold_parsed = _parse_gold(gold)
-    if not gold_parsed:
-        raise ValueError(f"gold answer {gold!r} does not parse")
-    return bool(verify(gold_parsed, pred, timeout_seconds=None)), True
-
-
-def grade(completion: str, gold: str) -> float:
-    """1.0 if the completion's final answer is equivalent to gold, else 0.0 (in-process, no timeout)."""
-    try:
-        return float(_grade_answer(*_answer(completion), gold)[0])
-    except Exception:  # noqa: BLE001 (a grading crash is a wrong answer, counted by RewardScorer)
-        return 0.0
-
-
-def format_ok(completion: str) -> bool:
-    """Exactly one closed, non-empty \\boxed{} and at most a short tail of text after it."""
-    if completion.count("\\boxed") != 1 or "\\fbox" in completion:
-        return False
-    content = last_boxed(completion)
-    opening = completion.rfind("\\boxed") + len("\\boxed")
-    while opening < len(completion) and completion[opening] == " ":
-        opening += 1
-    if content is None or not content.strip() or completion[opening : opening + 1] != "{":
-        return False  # unclosed, empty, or the brace-less "\\boxed 5"
-    tail = completion[opening + len(content) + 2 :]  # after "{" + content + "}"
-    return len(tail.strip()) <= _FORMAT_TAIL
-
-
-def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
-    """DAPO eq. 13: 0 up to max_length - buffer, then linear down to -1 at max_length, -1 beyond."""
-    if length > max_length:
-        return -1.0
-    if buffer <= 0 or length <= max_length - buffer:
-        return 0.0
-    return ((max_length - buffer) - length) / buffer
 
 
 # ---------------------------------------------------------------- worker processes
@@ -165,10 +67,10 @@ def _worker_loop(conn) -> None:
     # Import sympy and the LaTeX parser, build the extraction regexes and parsers of both answer kinds, and
     # run a symbolic comparison (sympy's simplify, 0.28 s the first time) before saying ready: the first
     # graded steps took 0.3 s instead of 0.03 s without this (tiny benchmark).
-    _parse_gold("1")
+    parse_gold("1")
     for kind, text, gold in (("box", "\\frac{1}{2}", "0.5"), ("tail", "so the answer is $18.00", "18"), ("box", "x+1", "2")):
         with suppress(Exception):  # a warm-up, not a check: grading errors are counted per sample later
-            _grade_answer(kind, text, gold)
+            grade_answer(kind, text, gold)
     conn.send(_READY)
     while True:
         try:
@@ -179,7 +81,7 @@ def _worker_loop(conn) -> None:
             return
         maybe_fault("reward_grade")  # tests: GRPO_FSDP_FAULT=reward_grade::stop is a worker that hangs on every answer
         try:
-            correct, extracted = _grade_answer(*task)
+            correct, extracted = grade_answer(*task)
             status = _OK if extracted else _NO_ANSWER
         except Exception:  # noqa: BLE001 (RecursionError from deep nesting, sympy bugs, a bad gold)
             correct, status = False, _ERROR
@@ -300,7 +202,7 @@ class RewardScorer:
         # Answers are extracted here (a C rfind, then a scan of the box only) and each distinct
         # (answer, gold) is graded once: a group's G samples often agree, and a 1 MB completion
         # never crosses a pipe.
-        keys = [(*_answer(c), g) for c, g in zip(completions, golds)]
+        keys = [(*find_answer(c), g) for c, g in zip(completions, golds)]
         unique = list(dict.fromkeys(keys))
         graded = dict(zip(unique, self._run(unique, budget_s)))
         statuses = [graded[k][0] for k in keys]

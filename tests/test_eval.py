@@ -19,7 +19,8 @@ from eval.metrics import answer_key, breakdown, majority_index, pass_at_k
 from eval.tasks import load_task
 from grpo_fsdp.data.records import Example
 from grpo_fsdp.data.templates import INSTRUCTION
-from grpo_fsdp.rewards import RewardScorer, grade
+from grpo_fsdp.grading import grade
+from grpo_fsdp.rewards import RewardScorer
 from grpo_fsdp.rollout.base import Completion, GenerationStats, RolloutEngine, SamplingConfig
 from grpo_fsdp.tokenizer import build_tiny_tokenizer
 

@@ -15,15 +15,8 @@ import pytest
 
 from grpo_fsdp.answer_units import strip_units
 from grpo_fsdp.data.gsm8k import gsm8k_gold
-from grpo_fsdp.rewards import (
-    ConstantRewardWatch,
-    RewardScorer,
-    RewardWeights,
-    format_ok,
-    grade,
-    overlong_penalty,
-    timeout_warning,
-)
+from grpo_fsdp.grading import format_ok, grade, overlong_penalty
+from grpo_fsdp.rewards import ConstantRewardWatch, RewardScorer, RewardWeights, timeout_warning
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TIMEOUT_S = 2.5

@@ -1,8 +1,8 @@
 """Semantic entropy of a prompt's sampled answers (SENT, arXiv 2512.04359; Kuhn et al. 2023, arXiv 2302.09664).
 
 M completions of one prompt are reduced to their final answers with the extraction the rewards use
-(`rewards._answer`: the last \\boxed{...}, else an anchored "the answer is ..." near the end), and
-clustered by equivalence under the rewards' grader (`rewards._grade_answer`: units stripped, then
+(`grading.find_answer`: the last \\boxed{...}, else an anchored "the answer is ..." near the end), and
+clustered by equivalence under the rewards' grader (`grading.grade_answer`: units stripped, then
 math-verify), so 0.5 and \\frac12 share a cluster exactly when the reward would call them equal.
 A completion with no extractable answer (no box and no anchor, an unclosed box, an unparsable
 answer) is a cluster of its own: M refusals are maximally uncertain, not one confident answer.
@@ -27,15 +27,15 @@ def final_answer(completion: str) -> str | None:
     """The completion's final answer as a string the grader can take as gold, or None when it has none."""
     from math_verify import parse
 
-    from grpo_fsdp.rewards import _ANCHORED, _answer
+    from grpo_fsdp.grading import ANCHORED, find_answer
 
-    kind, text = _answer(completion)
+    kind, text = find_answer(completion)
     if kind == "box":
         return text.strip() or None
     if kind == "none":
         return None
     try:
-        found = parse(text, _ANCHORED, parsing_timeout=None)
+        found = parse(text, ANCHORED, parsing_timeout=None)
     except Exception:  # noqa: BLE001  an answer the parser chokes on is no answer
         return None
     return str(found[-1]).strip() or None if found else None
@@ -45,10 +45,10 @@ def same_answer(a: str, b: str) -> bool:
     """Equivalence under the rewards' grader: `a` graded as a boxed prediction against gold `b`."""
     if a == b or strip_units(a).strip() == strip_units(b).strip():
         return True
-    from grpo_fsdp.rewards import _grade_answer
+    from grpo_fsdp.grading import grade_answer
 
     try:
-        return _grade_answer("box", a, b)[0]
+        return grade_answer("box", a, b)[0]
     except Exception:  # noqa: BLE001  a gold that does not parse equals nothing but itself
         return False
 
