@@ -182,8 +182,9 @@ def adapters_disabled(model: nn.Module):
 
 
 class BaseModel:
-    """Calls `model` with its adapters off: the KL reference of a LoRA policy (recipes/grpo.py), callable like
-    the policy itself. Under FSDP2 a collective like any forward."""
+    """Calls `model` with its adapters off: the reference of a LoRA policy (GRPO's KL reference, recipes/grpo.py;
+    DPO's reference, recipes/dpo.py), callable like the policy itself, with its `training` / `train` / `eval`
+    (the dropout mode is the policy's own). Under FSDP2 a collective like any forward."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -191,6 +192,17 @@ class BaseModel:
     def __call__(self, *args, **kwargs):
         with adapters_disabled(self.model):
             return self.model(*args, **kwargs)
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True) -> BaseModel:
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> BaseModel:
+        return self.train(False)
 
 
 _WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")

@@ -89,8 +89,14 @@ def test_cache_key_follows_model_data_and_lengths(tmp_path):
         "compute dtype": cache_key(compose([*base, "hardware.param_dtype=bfloat16"]), _samples()),
         "a row": cache_key(compose(base), _samples()[:2] + [PreferenceSample([1, 2, 2], [3, 4], [5, 6, 8])]),
         "row count": cache_key(compose(base), _samples(2)),
+        "LoRA: the base scores": cache_key(compose([*base, "hardware.lora.enabled=true"]), _samples()),
+        "QLoRA: the NF4 base scores": cache_key(compose([*base, "hardware.lora.enabled=true", "hardware.load_in_4bit=true"]),
+                                                _samples()),
     }
-    assert all(k != key for k in changed.values()), changed
+    assert all(k != key for k in changed.values()) and len(set(changed.values())) == len(changed), changed
+    # the adapters never score (they are off): their rank does not change the key
+    assert cache_key(compose([*base, "hardware.lora.enabled=true", "hardware.lora.rank=4"]), _samples()) == \
+        changed["LoRA: the base scores"]
     # a local model directory: its weight files' size and mtime count
     model = tmp_path / "sft"
     model.mkdir()

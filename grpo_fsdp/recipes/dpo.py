@@ -10,8 +10,10 @@ count for algo.sft_weight) -> per micro-batch: the pairs in the shared-prefix la
 the global counts (`algorithms/dpo.py`), backward -> clip -> step -> one all-reduce of the logged sums -> log ->
 maybe checkpoint. Departures from TRL's DPOTrainer: the reference is scored by the policy itself before the
 first update (the SFT model is the reference; `dpo_reference.py`), and the loss denominator is global, so
-the result does not depend on micro-batch size or world size (tested to 1e-5).
-LoRA's "reference = adapters disabled" (issue 14) is not wired here yet.
+the result does not depend on micro-batch size or world size (tested to 1e-5). With LoRA
+(`hardware.lora.enabled`, 4-bit base or not) the reference is the base model, the policy with its adapters off
+(`lora.BaseModel`, issue 14 item 1), for the cache pass and for the online reference alike: no second copy of
+the weights is built.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from grpo_fsdp.data.batching import batches_per_epoch, global_batch_indices, spl
 from grpo_fsdp.data.preference import load_pairs, tokenize_pairs
 from grpo_fsdp.export import export_hf
 from grpo_fsdp.logging import make_logger
+from grpo_fsdp.lora import BaseModel
 from grpo_fsdp.models import build_policy, build_reference, load_tokenizer
 from grpo_fsdp.optim import build_optimizer
 from grpo_fsdp.plan import BatchPlan
@@ -94,17 +97,21 @@ def _run(cfg: Config, td: Teardown) -> int:
     optimizer = build_optimizer(policy.parameters(), o)
     scheduler = build_scheduler(optimizer, o, steps)
 
-    # 3. reference: scored once by the starting policy and cached, or a frozen copy scoring online (before resume)
+    # 3. reference: scored once by the starting policy and cached, or a frozen copy scoring online (before resume).
+    #    With LoRA, both are the policy with its adapters off (the base model): no second copy of the weights.
     say = print if d.is_main else (lambda *_: None)
     held_out = held_out_pairs(cfg, tokenizer, quiet=d.rank != 0) if a.eval_pairs > 0 else []
     ref_table, reference, held_ref = None, None, None
+    base = BaseModel(policy) if cfg.hardware.lora.enabled else None
+    if base is not None:
+        say("reference: the policy with its LoRA adapters off (the base model; no second copy of the weights)")
     if a.precompute_ref:
-        cached = lambda rows: precompute(policy, rows, cache_dir(cfg, run_dir, rows), a.ref_rows_per_shard,
+        cached = lambda rows: precompute(base or policy, rows, cache_dir(cfg, run_dir, rows), a.ref_rows_per_shard,
                                          t.micro_batch_size, tokenizer.pad_token_id, d, say, a.shared_prefix)
         ref_table = cached(samples)
         held_ref = cached(held_out) if held_out else None
     else:
-        reference = build_reference(policy, hf_conf, cfg.model, cfg.hardware, d, t.logprob_chunk_size)
+        reference = base or build_reference(policy, hf_conf, cfg.model, cfg.hardware, d, t.logprob_chunk_size)
         if held_out:
             held_ref = score(reference, held_out, t.micro_batch_size, tokenizer.pad_token_id, a.shared_prefix, d.device)[:, :2]
 
@@ -125,19 +132,20 @@ def _run(cfg: Config, td: Teardown) -> int:
     # 5. train
     began, losses = time.perf_counter(), []
     for step in range(start, steps):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         indices = global_batch_indices(lengths, t.global_batch_size, step, t.seed, t.group_by_length)
         micro = rank_micro_batches(indices, lengths, d, t.micro_batch_size, a.micro_batch_tokens)
         global_pairs = float(t.global_batch_size)
         global_chosen = distributed.all_reduce_sum(sum(len(samples[i].chosen_ids) for m in micro for i in m), d.device)
 
-        sums, tokens = torch.zeros(len(SUMS), dtype=torch.float64), 0
+        sums, tokens, phase = torch.zeros(len(SUMS), dtype=torch.float64), 0, {"forward": 0.0, "backward": 0.0}
         policy.train()
         for rows in micro:
             filler = not rows  # a token-budget rank with fewer micro-batches: one pair at weight 0 keeps FSDP in step
             rows = rows or indices[:1]
             batch = layout_pairs([samples[i] for i in rows], tokenizer.pad_token_id, a.shared_prefix)
             tokens += 0 if filler else processed_tokens(batch)
+            t_fwd = time.perf_counter()
             pol = pair_logps(policy, batch, d.device)
             if ref_table is not None:
                 ref_c, ref_r = (ref_table[rows, j].to(d.device) for j in (0, 1))
@@ -148,17 +156,22 @@ def _run(cfg: Config, td: Teardown) -> int:
             per_pair, rew_c, rew_r = pair_losses(a.loss, pol.chosen, pol.rejected, ref_c, ref_r, pol.chosen_len,
                                                  pol.rejected_len, a.beta, a.label_smoothing)
             loss = step_loss(per_pair, global_pairs, -pol.chosen.sum(), global_chosen, a.sft_weight)
+            t_bwd = time.perf_counter()
             (loss * 0 if filler else loss).backward()
+            phase["forward"] += t_bwd - t_fwd
+            phase["backward"] += time.perf_counter() - t_bwd
             if filler:
                 continue
             row = (loss.detach() * global_pairs, rew_c.sum(), rew_r.sum(), (rew_c > rew_r).sum(), pol.chosen.detach().sum(),
                    pol.rejected.detach().sum(), pol.chosen_len.sum(), pol.rejected_len.sum())
             sums += torch.stack([x.double().cpu() for x in row])
+        t_opt = time.perf_counter()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), o.max_grad_norm if o.max_grad_norm > 0 else float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        phase["optimizer"] = time.perf_counter() - t_opt
 
         totals = sums.to(d.device)
         torch.distributed.all_reduce(totals)  # the step's sums over ranks, then means per pair
@@ -180,6 +193,10 @@ def _run(cfg: Config, td: Teardown) -> int:
             "train/pairs": global_pairs,
             "perf/tokens_per_s": all_tokens / seconds,
             "perf/step_seconds": seconds,
+            "perf/cpu_seconds": time.process_time() - cpu0,  # this process's, all threads: the work, however shared the CPU
+            # forward: the policy's (and an online reference's) forward and the loss; optimizer: clip + step. Host
+            # clock: on CUDA, work still queued when a phase ends is counted in a later one.
+            **{f"perf/{k}_seconds": v for k, v in phase.items()},
         }
         done = step + 1 == steps
         if done and held_out:  # 6. the held-out pairs, scored by the final policy (dpo_eval.py)

@@ -3,16 +3,19 @@
 The reference is the model DPO starts from (the SFT export in `model.path`), so before the first update the
 policy IS the reference: one no-grad pass of the policy over every pair gives the summed log-probs of both
 completions, and no second model is ever held in memory (`algo.precompute_ref=false` keeps a frozen copy instead,
-`models.build_reference`, and scores each micro-batch online; both are tested equal). The pass runs before a
-checkpoint is resumed, so the weights are still the starting ones.
+`models.build_reference`, or with LoRA turns the adapters off, and scores each micro-batch online; both are tested
+equal). The pass runs before a checkpoint is resumed, so the weights are still the starting ones. With LoRA the
+pass runs with the adapters off (`lora.BaseModel`, recipes/dpo.py): the base model, which before the first update
+is also the policy (B = 0), and stays the reference after it.
 
 Cache layout: `<algo.ref_cache_dir or <run_dir>/ref_logps>/<key>/shard_<k>.pt`, each an fp32 tensor [rows, 2]
 (chosen, rejected) for rows k*R .. k*R+R-1 of the tokenized pairs (R = algo.ref_rows_per_shard), written
 atomically (a temporary file, then a rename). Shards are the unit of work and of resuming: rank 0 lists the
 missing ones, they are dealt round-robin over the ranks, and an interrupted pass redoes only what is missing,
 on any world size. `<key>` is a SHA-256 over what the values depend on: the model (model.* fields, the tiny
-model's init seed, the size and mtime of each weight file of a local model.path), the compute dtype, the
-data lengths, and every pair's token ids. A run on the same model, data and lengths reuses the cache; a
+model's init seed, the size and mtime of each weight file of a local model.path), the compute dtype, which
+model scores (the full policy, or with LoRA the adapters-off base, NF4-quantized with hardware.load_in_4bit),
+the data lengths, and every pair's token ids. A run on the same model, data and lengths reuses the cache; a
 changed model, max_length or row computes a new one. Every rank then reads all shards ([N, 2] floats: 8 bytes
 a pair) and keeps them in memory.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,7 +46,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".json")
 
 def _model_identity(cfg: Config) -> dict:
     m = cfg.model
-    ident = {"model": asdict(m), "param_dtype": cfg.hardware.param_dtype}
+    hw = cfg.hardware
+    ident = {"model": asdict(m), "param_dtype": hw.param_dtype}
+    if hw.lora.enabled:  # the base model scores (adapters off); NF4 changes its weights, the adapters never count
+        ident["reference"] = "base, adapters off" + (", nf4 weights" if hw.load_in_4bit else "")
     if not m.path:
         ident["init_seed"] = cfg.train.seed  # the tiny model is initialised from train.seed (models.full_state_dict)
     elif os.path.isdir(os.path.expanduser(m.path)):
@@ -83,7 +90,9 @@ def precompute(policy, samples: list[PreferenceSample], root: Path, rows_per_sha
         done = n_shards - len(missing)
         say(f"reference log-probs: scoring {len(missing)} of {n_shards} shards ({done} already in {root})")
         mine = missing[d.rank :: d.world_size]
+        t0 = time.perf_counter()
         _score_shards(policy, samples, root, mine, rows_per_shard, micro_batch_size, lambda s: layout_pairs(s, pad_id, shared_prefix), d)
+        say(f"reference log-probs: {len(missing)} shards scored in {time.perf_counter() - t0:.2f} s")
     else:
         say(f"reference log-probs: reusing {root} ({len(samples)} pairs)")
     dist.barrier()
