@@ -30,8 +30,9 @@ Model of FSDP2 memory (Zhao et al. 2023, "PyTorch FSDP"; Rajbhandari et al. 2020
   one fp32 factor per 256 scales). Adapters add r*(in+out) params per targeted module and carry fp32
   weights, grads and Adam. An NF4 linear dequantizes its weight to the compute dtype for each matmul (the
   largest one, c*h*i, is counted in `transient`).
-- GRPO reference model (algo.beta > 0, `models.build_reference`): the policy's weights in the compute
-  dtype, frozen, sharded like the policy: c*P/N, on the host with CPU offload.
+- Reference model (GRPO with algo.beta > 0, DPO with algo.precompute_ref=false; `models.build_reference`): the
+  policy's weights in the compute dtype, frozen, sharded like the policy: c*P/N, on the host with CPU offload.
+  None with LoRA (the reference is the policy with its adapters off) or DPO's cached reference log-probs.
 - GRPO rollout engine: the transformers engine (`rollout/hf.py`) holds its own unsharded copy in the
   compute dtype, c*P, plus its KV cache, 2 * layers * kv * c bytes per position for every sequence
   decoded together (`rollout.max_batch_size`, default the rank's prompts x G) at prompt + completion
@@ -54,7 +55,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from grpo_fsdp.config import ArchConfig, Config, GRPOConfig
+from grpo_fsdp.config import ArchConfig, Config, DPOConfig, GRPOConfig
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -215,7 +216,7 @@ class MemoryEstimate:
     world_size: int
     notes: tuple[str, ...] = ()
     hints: tuple[str, ...] = ()  # overrides that would lower the total, shown when it does not fit
-    reference: int = 0  # GRPO with algo.beta > 0: the frozen reference model's shard on the device
+    reference: int = 0  # the frozen reference model's shard on the device (wants_reference_copy)
     engine: int = 0  # GRPO: the rollout engine on the device while it generates (weights + KV cache)
     training: int = 0  # weights + gradients + optimizer + activations + logits + transient + reference (+ awake engine)
     generation: int = 0  # GRPO: the trainer's resident shards and optimizer state + reference + engine; 0 without
@@ -232,6 +233,16 @@ class MemoryEstimate:
     def host_total(self) -> int:
         """A CPU device's peak host memory (the plan's total); with CUDA, the host's share: offloaded state."""
         return self.cpu_bytes if self.cuda_context else self.total
+
+
+def wants_reference_copy(cfg: Config) -> bool:
+    """Whether the run builds a frozen copy of the weights (`models.build_reference`): GRPO with algo.beta > 0 and
+    DPO with algo.precompute_ref=false, unless LoRA, whose reference is the policy with its adapters off."""
+    if cfg.hardware.lora.enabled:
+        return False
+    if isinstance(cfg.algo, GRPOConfig):
+        return cfg.algo.beta > 0
+    return isinstance(cfg.algo, DPOConfig) and not cfg.algo.precompute_ref
 
 
 def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None) -> MemoryEstimate:
@@ -301,13 +312,14 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
 
     reference, engine, kv, engine_awake = 0, 0, 0, 0
     resident = nf4_resident + (0 if hw.cpu_offload else sharded + optimizer)  # what stays on the device while generating
+    if wants_reference_copy(cfg):  # models.build_reference: compute dtype, frozen, sharded like the policy
+        reference = c * p / n
+        why = f"algo.beta={cfg.algo.beta:g}" if isinstance(cfg.algo, GRPOConfig) else "algo.precompute_ref=false"
+        notes.append(f"reference model ({why}): {hw.param_dtype}, frozen, sharded"
+                     + (", on the host (CPU offload)" if hw.cpu_offload else ""))
+        if hw.cpu_offload:
+            cpu, reference = cpu + reference, 0
     if isinstance(cfg.algo, GRPOConfig):
-        if cfg.algo.beta > 0:  # models.build_reference: compute dtype, frozen, sharded like the policy
-            reference = c * p / n
-            notes.append(f"reference model (algo.beta={cfg.algo.beta:g}): {hw.param_dtype}, frozen, sharded"
-                         + (", on the host (CPU offload)" if hw.cpu_offload else ""))
-            if hw.cpu_offload:
-                cpu, reference = cpu + reference, 0
         kv = kv_cache_bytes(cfg, n)
         engine, asleep, note = _engine_bytes(cfg, c * p, kv)
         notes.append(note)

@@ -234,6 +234,18 @@ def test_grpo_reference_in_bf16_and_the_transformers_engine_copy():
     assert any(n.startswith("rollout engine: the transformers engine holds its own unsharded bfloat16 copy") for n in est.notes)
 
 
+def test_a_reference_copy_only_where_one_is_built():
+    """models.build_reference runs for GRPO with beta > 0 and DPO with precompute_ref=false, never under LoRA (the
+    reference is the adapters-off policy) nor for DPO's cached log-probs: the plan counts c*P/N exactly there."""
+    assert estimate_memory(grpo("algo.beta=0.04", "rollout.engine=hf", "hardware.lora.enabled=true"), 2).reference == 0
+    dpo = ("algo=dpo", "data=preference_arithmetic")
+    assert estimate_memory(small(*dpo), 2).reference == 0  # cached reference log-probs (the default)
+    online = estimate_memory(small(*dpo, "algo.precompute_ref=false"), 2)
+    assert online.reference == 2 * P // 2 == 2824
+    assert any(n.startswith("reference model (algo.precompute_ref=false): bfloat16") for n in online.notes)
+    assert estimate_memory(small(*dpo, "algo.precompute_ref=false", "hardware.lora.enabled=true"), 2).reference == 0
+
+
 def test_grpo_without_kl_has_no_reference_and_sft_has_neither():
     est = estimate_memory(grpo("algo.beta=0", "rollout.engine=hf"), world_size=2)
     assert est.reference == 0 and est.engine == 6608
