@@ -109,7 +109,7 @@ def check_vllm_memory(cfg: Config, world_size: int) -> None:
     """Refuse a KV cache or memory share vLLM cannot get: more than the host has (CPU), less than the
     weights (GPU share), or too small for one sequence of the engine's context."""
     hw = cfg.hardware
-    if not vllm_may_run(cfg) or hw.lora.enabled or hw.load_in_4bit:  # LoRA / 4-bit: planning only (issue 14)
+    if not vllm_may_run(cfg):  # with LoRA vLLM holds the base in param_dtype, plus one small adapter slot
         return
     fix_engine = "or use rollout.engine=hf"
     seq_len = max_model_len(cfg)

@@ -120,9 +120,11 @@ def test_vllm_kv_cache_smaller_than_one_sequence_is_refused(small_host):
         "set hardware.vllm_kv_cache_gib >= 0.01 or use rollout.engine=hf")
 
 
-def test_vllm_gpu_share_smaller_than_the_weights_is_refused():
+@pytest.mark.parametrize("lora", [[], ["hardware.lora.enabled=true", "hardware.load_in_4bit=true", "hardware.compile=false"]],
+                         ids=["full", "qlora"])  # QLoRA: vLLM still holds the base in param_dtype (adapters on top)
+def test_vllm_gpu_share_smaller_than_the_weights_is_refused(lora):
     assert refusal(["algo=grpo", "hardware=h100x2", "model=qwen2.5-math-1.5b", "rollout.engine=vllm",
-                    "hardware.vllm_memory_share=0.02", "dry_run=true"], world_size=2) == (
+                    "hardware.vllm_memory_share=0.02", "dry_run=true", *lora], world_size=2) == (
         "hardware.vllm_memory_share: 0.02 x 80 GiB = 1.6 GiB cannot hold the model's 2.9 GiB of bfloat16 weights plus "
         "one 4096-token sequence of KV cache (0.11 GiB); set hardware.vllm_memory_share >= 0.04 or use rollout.engine=hf")
 
