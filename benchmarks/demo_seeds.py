@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/demo_seeds.py --seeds 0,1,2            # seed 0 is `make demo`'s default
     .venv/bin/python benchmarks/demo_seeds.py --seeds 0,1 -- grpo:train.max_steps=100   # demo overrides
     .venv/bin/python benchmarks/demo_seeds.py --pipeline dpo --seeds 0,1,2   # SFT -> DPO (`demo_dpo.py`)
+    .venv/bin/python benchmarks/demo_seeds.py --seeds 0,1,2 -- lora=true     # SFT -> QLoRA GRPO (summary-lora.json)
 
 Each seed runs the whole demo (`python -m grpo_fsdp.demo --out=<work>/seed-<S> train.seed=<S>`) from
 scratch in its own process, one after another (they would share the cores otherwise), and its
@@ -73,7 +74,8 @@ def run_seed(seed: int, work: Path, extra: list[str], pipeline: str = "grpo") ->
     proc = subprocess.run(cmd, cwd=REPO, check=False)
     if proc.returncode:
         raise SystemExit(f"demo_seeds: the demo for seed {seed} exited {proc.returncode}; its output is above")
-    summary = json.loads((out / ("summary.json" if pipeline == "grpo" else f"summary-{pipeline}.json")).read_text())
+    name = f"summary-{pipeline}.json" if pipeline != "grpo" else "summary-lora.json" if "lora=true" in extra else "summary.json"
+    summary = json.loads((out / name).read_text())
     return {**summary, "seed": seed, "process_seconds": time.perf_counter() - began}
 
 
