@@ -74,7 +74,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from grpo_vs_trl import REPO, build_start_model, child_env, run_child, summarise, tail, versions
+from grpo_vs_trl import REPO, build_start_model, child_env, run_child, summarise, tail, timed, versions
 
 REF_LINE = re.compile(r"reference log-probs: \d+ shards scored in ([0-9.]+) s")
 
@@ -274,18 +274,8 @@ def trl_side(a: argparse.Namespace) -> None:
 
     DPOTrainer._precompute_ref_logps = timed_precompute
     phase = {"forward": 0.0, "forward_backward": 0.0}  # compute_loss (forward + loss) inside training_step
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                phase[name] += time.perf_counter() - t0
-        return wrapper
-
-    DPOTrainer.compute_loss = timed("forward", DPOTrainer.compute_loss)
-    DPOTrainer.training_step = timed("forward_backward", DPOTrainer.training_step)
+    DPOTrainer.compute_loss = timed(phase, "forward", DPOTrainer.compute_loss)
+    DPOTrainer.training_step = timed(phase, "forward_backward", DPOTrainer.training_step)
     cuda, bf16 = a.device == "cuda", a.dtype == "bfloat16"
 
     def trainer(precompute: bool) -> DPOTrainer:

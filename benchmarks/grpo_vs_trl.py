@@ -343,6 +343,17 @@ def run_trl(a: argparse.Namespace, model_dir: Path, work: Path, tag: str = "") -
 # ---------------------------------------------------------------------------------------------
 # the TRL child
 # ---------------------------------------------------------------------------------------------
+def timed(phase: dict[str, float], name: str, fn):
+    """`fn` wrapped to add its wall seconds to phase[name] (TRL's methods, timed from outside)."""
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phase[name] += time.perf_counter() - t
+    return wrapper
+
+
 def trl_side(a: argparse.Namespace) -> None:
     import torch
     from datasets import Dataset
@@ -405,18 +416,8 @@ def trl_side(a: argparse.Namespace) -> None:
     trainer = GRPOTrainer(model=model, reward_funcs=correctness, args=args, train_dataset=dataset, processing_class=tok,
                           callbacks=[clock])
     phase = {"generate": 0.0, "generate_and_score": 0.0}
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                phase[name] += time.perf_counter() - t
-        return wrapper
-
-    trainer._generate_single_turn = timed("generate", trainer._generate_single_turn)
-    trainer._generate_and_score_completions = timed("generate_and_score", trainer._generate_and_score_completions)
+    trainer._generate_single_turn = timed(phase, "generate", trainer._generate_single_turn)
+    trainer._generate_and_score_completions = timed(phase, "generate_and_score", trainer._generate_and_score_completions)
     trainer.train()
 
     b, e = clock.begin, clock.end

@@ -30,7 +30,6 @@ from grpo_fsdp.cli import UserError, redacted_yaml
 from grpo_fsdp.config import Config, DPOConfig, OptimConfig, TrainConfig
 from grpo_fsdp.data.batching import batches_per_epoch, global_batch_indices, split_for_rank
 from grpo_fsdp.data.preference import load_pairs, tokenize_pairs
-from grpo_fsdp.export import export_hf
 from grpo_fsdp.logging import make_logger
 from grpo_fsdp.lora import BaseModel
 from grpo_fsdp.models import build_policy, build_reference, load_tokenizer
@@ -40,7 +39,7 @@ from grpo_fsdp.preemption import Preemption
 from grpo_fsdp.recipes.dpo_eval import held_out_pairs, reward_metrics, score
 from grpo_fsdp.recipes.dpo_pairs import budget_micro_batches, layout_pairs, pair_logps, processed_tokens
 from grpo_fsdp.recipes.dpo_reference import cache_dir, precompute
-from grpo_fsdp.recipes.step_end import checkpoint_after_step
+from grpo_fsdp.recipes.step_end import checkpoint_after_step, end_of_run
 from grpo_fsdp.recipes.teardown import Teardown
 from grpo_fsdp.schedule import build_scheduler
 
@@ -207,16 +206,11 @@ def _run(cfg: Config, td: Teardown) -> int:
         logger.log(step + 1, metrics)
         losses.append(metrics["train/loss"])
 
-        if checkpoint_after_step(step + 1, done, cfg, ckpt, (policy, optimizer, scheduler, hf_conf, tokenizer), preempt,
-                                 logger, run_dir, d):
+        state = (policy, optimizer, scheduler, hf_conf, tokenizer)
+        if checkpoint_after_step(step + 1, done, cfg, ckpt, state, preempt, logger, run_dir, d):
             return 0
 
-    if losses:
-        logger.print(f"dpo: steps {start + 1}-{steps}, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-                     f"{time.perf_counter() - began:.0f} s; checkpoint in {ckpt.latest()}")
-
-    # 7. export
-    if cfg.checkpoint.export_hf:
-        out = export_hf(policy, hf_conf, tokenizer, f"{run_dir}/hf", cfg.hardware.param_dtype)
-        logger.print(f"exported Hugging Face model to {out}")
+    # 7. summary line and export
+    end_of_run("dpo", losses, start + 1, steps, began, 4, cfg, ckpt, (policy, optimizer, scheduler, hf_conf, tokenizer),
+               logger, run_dir)
     return 0

@@ -24,13 +24,12 @@ from grpo_fsdp.config import Config
 from grpo_fsdp.data.batching import global_batch_indices, split_for_rank
 from grpo_fsdp.data.loading import load_examples
 from grpo_fsdp.data.sft import collate, tokenize_sft
-from grpo_fsdp.export import export_hf
 from grpo_fsdp.logging import make_logger
 from grpo_fsdp.models import build_policy, load_tokenizer
 from grpo_fsdp.optim import build_optimizer
 from grpo_fsdp.plan import BatchPlan
 from grpo_fsdp.preemption import Preemption
-from grpo_fsdp.recipes.step_end import checkpoint_after_step
+from grpo_fsdp.recipes.step_end import checkpoint_after_step, end_of_run
 from grpo_fsdp.recipes.teardown import Teardown
 from grpo_fsdp.schedule import build_scheduler
 
@@ -118,12 +117,7 @@ def _run(cfg: Config, td: Teardown) -> int:
         if checkpoint_after_step(step + 1, step + 1 == t.max_steps, cfg, ckpt, state, preempt, logger, run_dir, d):
             return 0
 
-    if losses:
-        logger.print(f"sft: steps {start + 1}-{t.max_steps}, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-                     f"{time.perf_counter() - began:.0f} s; checkpoint in {ckpt.latest()}")
-
-    # 5. export
-    if cfg.checkpoint.export_hf:
-        out = export_hf(policy, hf_conf, tokenizer, f"{run_dir}/hf", cfg.hardware.param_dtype)
-        logger.print(f"exported Hugging Face model to {out}")
+    # 5. summary line and export
+    end_of_run("sft", losses, start + 1, t.max_steps, began, 3, cfg, ckpt, (policy, optimizer, scheduler, hf_conf, tokenizer),
+               logger, run_dir)
     return 0

@@ -1,4 +1,5 @@
-"""What every recipe does after an optimizer step: the checkpoint rule and the preemption exit.
+"""What every recipe does after an optimizer step (the checkpoint rule and the preemption exit) and at the end of
+a run that was not preempted (the loss summary line and the Hugging Face export, `end_of_run`).
 
     SIGTERM seen by any rank  -> save now, print the resume line, and tell the caller to stop
     the last step (checkpoint.save_final), every checkpoint.every_steps, a new best -> save
@@ -9,7 +10,10 @@ One function so that SFT, GRPO and DPO cannot drift apart on when a run is resum
 
 from __future__ import annotations
 
+import time
+
 from grpo_fsdp import distributed
+from grpo_fsdp.export import export_hf
 from grpo_fsdp.faults import maybe_fault
 
 
@@ -27,3 +31,16 @@ def checkpoint_after_step(step: int, done: bool, cfg, ckpt, state: tuple, preemp
         ckpt.save(step, policy, optimizer, scheduler, step, hf_conf, tokenizer)
     maybe_fault("after_step", step)
     return False
+
+
+def end_of_run(name: str, losses: list[float], first: int, last: int, began: float, digits: int, cfg, ckpt, state: tuple,
+               logger, run_dir: str) -> None:
+    """`<name>: steps first-last, loss a -> b, N s; checkpoint in ...` (when this run took steps), then the export to
+    `<run_dir>/hf` with checkpoint.export_hf (a collective). `state` as in `checkpoint_after_step`."""
+    policy, _, _, hf_conf, tokenizer = state
+    if losses:
+        logger.print(f"{name}: steps {first}-{last}, loss {losses[0]:.{digits}f} -> {losses[-1]:.{digits}f}, "
+                     f"{time.perf_counter() - began:.0f} s; checkpoint in {ckpt.latest()}")
+    if cfg.checkpoint.export_hf:
+        out = export_hf(policy, hf_conf, tokenizer, f"{run_dir}/hf", cfg.hardware.param_dtype)
+        logger.print(f"exported Hugging Face model to {out}")
