@@ -109,6 +109,10 @@ class ArithmeticConfig:
     max_operand: int = 20
     ops: list[str] = field(default_factory=lambda: ["+", "-"])
     seed: int = 1234
+    # Share of the train split's solutions that estimate instead of working the sum out: "The answer is about
+    # \boxed{20}." (the value rounded to the nearest ten). The demo's SFT data mixes careful and careless
+    # answers so that the SFT model has a habit GRPO's exact-answer reward can remove (data/arithmetic.py).
+    estimate_share: float = 0.0
 
 
 @dataclass

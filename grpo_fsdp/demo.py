@@ -116,6 +116,18 @@ def split_args(args: list[str]) -> DemoArgs:
     return DemoArgs(out, pipeline, both, only["sft"], only["grpo"], only["dpo"], lora)
 
 
+def run_stage(name: str, run_dir: Path, overrides: list[str]) -> int:
+    """One stage of the demo; nonzero unless it finished. A stage stopped by SIGTERM saves a checkpoint and returns 0
+    without exporting `<run_dir>/hf`: the demo stops there too (the next stage would find no model) and says how to
+    go on."""
+    code = main([*overrides, f"run_dir={run_dir}", "checkpoint.resume=auto"])
+    if code == 0 and not (run_dir / "hf").is_dir():
+        print(f"demo: the {name} stage stopped before its last step (its checkpoint is in {run_dir}); run the same "
+              "command again to resume it", file=sys.stderr)
+        return 1
+    return code
+
+
 def demo(args: list[str]) -> int:
     from grpo_fsdp.accuracy import held_out_accuracy
     from grpo_fsdp.bootstrap import paired_bootstrap_ci
@@ -125,7 +137,7 @@ def demo(args: list[str]) -> int:
     began = time.perf_counter()
     sft_dir, grpo_dir = out / "sft", out / ("grpo-lora" if lora else "grpo")
     summary_path, name = out / ("summary-lora.json" if lora else "summary.json"), "QLoRA" if lora else "GRPO"
-    code = main([*TASK, *MODEL, *SFT, f"run_dir={sft_dir}", "checkpoint.resume=auto", *both, *sft_only])
+    code = run_stage("SFT", sft_dir, [*TASK, *MODEL, *SFT, *both, *sft_only])
     if code:
         return code
     sft_done = time.perf_counter()
@@ -133,8 +145,8 @@ def demo(args: list[str]) -> int:
         from grpo_fsdp.demo_dpo import run_dpo_demo
 
         return run_dpo_demo(out, TASK, MODEL, both, dpo_only, began, sft_done)
-    code = main([*TASK, *MODEL, *GRPO, *(LORA if lora else []), f"model.path={sft_dir / 'hf'}", f"run_dir={grpo_dir}",
-                 "checkpoint.resume=auto", *both, *grpo_only])
+    code = run_stage(name, grpo_dir, [*TASK, *MODEL, *GRPO, *(LORA if lora else []), f"model.path={sft_dir / 'hf'}",
+                                      *both, *grpo_only])
     if code:
         return code
     grpo_done = time.perf_counter()

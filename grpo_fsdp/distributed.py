@@ -1,8 +1,9 @@
 """Process group, device mesh and rank helpers: the only module that knows about torchrun.
 
 One code path for one process and for N: without torchrun's environment we still create a
-process group (world size 1, in-process store), so FSDP2, the all-reduced loss denominator and
-distributed checkpoints run exactly as they do on a cluster. `gloo` on CPU, `nccl` on GPU.
+process group (world size 1, in-process store), so the all-reduced loss denominator and distributed
+checkpoints run exactly as they do on a cluster (FSDP2 too, unless it would do nothing: parallelize.shards).
+`gloo` on CPU, `nccl` on GPU.
 """
 
 from __future__ import annotations
@@ -129,6 +130,12 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor(int(flag), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` whole: an FSDP2 DTensor shard all-gathered (a collective: every rank calls it), a plain tensor (the
+    unsharded one-process path, parallelize.shards) as it is. The one place that tells the two apart."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def all_gather_tensor(t: torch.Tensor, device: torch.device) -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ Model of FSDP2 memory (Zhao et al. 2023, "PyTorch FSDP"; Rajbhandari et al. 2020
   `reshard_after_forward=True` (FULL_SHARD) about two blocks are gathered at once (the current one and
   the prefetched next) plus the root module's parameters (embeddings, final norm, LM head), which FSDP2
   keeps gathered between forward and backward; with False (ZeRO-2-like) the whole model: c*P for a
-  c-byte compute dtype.
+  c-byte compute dtype. None where FSDP2 does not wrap the policy (one fp32 process, `fsdp_wraps`).
 - gradients: sharded fp32, 4P/N; in backward the LM head's unsharded gradient, V*H*c, until the root's
   reduce-scatter (`transient`). Optimizer: fused AdamW exp_avg + exp_avg_sq in fp32, 8P/N.
 - activations of one micro-batch (`activation_bytes`): what a Qwen2 block saves for backward, per token
@@ -39,16 +39,23 @@ Model of FSDP2 memory (Zhao et al. 2023, "PyTorch FSDP"; Rajbhandari et al. 2020
   length; vLLM reserves `hardware.vllm_memory_share` of the device (weights + KV cache). While the
   trainer works the engine sleeps (level 1 parks the weights in host memory, 2 drops them; on a CPU
   device level 1 keeps them in place), so a GRPO step has two peaks: training and generation.
+  Under LoRA the transformers engine has no copy (`rollout/shared.py`): it generates with the policy's own
+  modules, which FSDP2 gathers whole for the rollout (every block and the root in the compute dtype, NF4 weights
+  packed; the NF4 weights FSDP2 leaves alone on one rank are resident anyway) and frees after; a policy that
+  FSDP2 does not wrap (one fp32 process, `fsdp_wraps`) gathers nothing. Nothing of it stays while training.
 - On a CPU device the host is the device: rank 0 also holds the full fp32 state dict it builds or
-  reads while the shards fill (`loading`), which can be the peak of a LoRA run.
+  reads while the shards fill (`loading`), which can be the peak of a LoRA run. The NF4 targets' fp32 entries
+  leave the dict before the shards fill, but the pages stay with the process (measured), so the whole dict counts.
+  Beside it only the start-up part of the runtime exists (`HOST_LOADING_RUNTIME_BYTES`).
 - CUDA context (`cuda_context`): the driver's and the kernels' own memory, outside torch's allocator
   (0.5 GiB, the seed recipe's figure); torch.cuda.max_memory_allocated never counts it. On a CPU device the
   process's own runtime instead (`host_runtime`, 64 MiB measured: process group, data, threads).
 - Backward frees activations as it fills gradients: with one micro-batch per optimizer step the training
   peak counts max(gradients, activations), with accumulation their sum.
 
-`total` = max(training, generation, loading) + CUDA context (or host runtime). Not counted: NCCL buffers, allocator
-fragmentation, the reference's gathered blocks during its forward, Python objects and data.
+`total` = max(training, generation) + CUDA context (or host runtime), or on a CPU device loading + the start-up
+runtime when that is larger. Not counted: NCCL buffers, allocator fragmentation, the reference's gathered blocks
+during its forward, Python objects and data.
 """
 
 from __future__ import annotations
@@ -68,6 +75,9 @@ CUDA_CONTEXT_BYTES = GIB // 2
 # A CPU device's own runtime beside the tensors: the process group, the data and its tokens, the autograd and
 # OpenMP threads. Measured: a GRPO step of a 0.5 M-parameter model grows the RSS by 62 MiB after the imports.
 HOST_RUNTIME_BYTES = 64 * 2**20
+# What of it exists when the weights load (config, tokenizer, data, process group, reward workers' pipes). Measured:
+# 19.5 MiB above the post-import RSS when models.build_policy starts (the QLoRA step of tests/test_memory_plan.py).
+HOST_LOADING_RUNTIME_BYTES = 20 * 2**20
 
 
 @dataclass(frozen=True)
@@ -209,7 +219,7 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     activations: int  # decoder blocks (+ the head's input), one micro-batch
-    total: int  # the peak: max(training, generation, loading) + CUDA context
+    total: int  # the peak: max(training, generation) + CUDA context or host runtime; on a CPU device at least loading
     cpu_bytes: int  # host memory per rank, used by CPU offload
     params: int
     trainable_params: int
@@ -256,7 +266,9 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
     if not (vocab_size or arch.vocab_size):
         notes.append(f"vocab size taken as {vocab} (tokenizer not loaded)")
 
-    gathered_layers = min(2, pb.num_layers) if hw.reshard_after_forward else pb.num_layers
+    # a policy FSDP2 does not wrap (one fp32 process, parallelize.shards) computes on its own parameters: no copies
+    wrapped = fsdp_wraps(hw, n)
+    gathered_layers = (min(2, pb.num_layers) if hw.reshard_after_forward else pb.num_layers) if wrapped else 0
     transient = 0
     nf4_resident = 0
     if hw.lora.enabled:
@@ -279,7 +291,7 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
         base_sharded = (pb.num_layers * layer_base + root_bytes) / n  # frozen base in its storage format
         adapter_sharded = 4 * lora / n  # fp32 master copy
         sharded = base_sharded + adapter_sharded
-        base_gathered = gathered_layers * layer_base + root_bytes + nf4_resident
+        base_gathered = gathered_layers * layer_base + root_bytes * wrapped + nf4_resident
         adapter_gathered = gathered_layers * lora_layer * c  # gathered adapters run in the compute dtype
         layer_bytes = layer_base + lora_layer * c
         trainable = lora
@@ -291,7 +303,7 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
         sharded = 4 * p / n  # fp32 master parameters
         trainable = p
         transient = vocab * arch.hidden_size * c  # the LM head's unsharded gradient until the root reduce-scatters
-    gathered = gathered_layers * layer_bytes + root_bytes + nf4_resident
+    gathered = gathered_layers * layer_bytes + root_bytes * wrapped + nf4_resident
     gradients = 4 * trainable / n  # fp32 reduce-scattered gradients (reduce_dtype float32)
     optimizer = 8 * trainable / n  # AdamW exp_avg + exp_avg_sq, fp32
     tokens, scored = micro_batch_tokens(cfg)
@@ -321,7 +333,9 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
             cpu, reference = cpu + reference, 0
     if isinstance(cfg.algo, GRPOConfig):
         kv = kv_cache_bytes(cfg, n)
-        engine, asleep, note = _engine_bytes(cfg, c * p, kv)
+        # LoRA: the transformers engine runs the policy's modules, gathered whole by FSDP2 while it generates
+        shared = (pb.num_layers * layer_bytes + root_bytes if wrapped else 0) if hw.lora.enabled else None
+        engine, asleep, note = _engine_bytes(cfg, c * p, kv, shared)
         notes.append(note)
         if hw.device != "cuda" and (cfg.rollout.sleep_level == 1 or cfg.rollout.engine == "vllm"):
             engine_awake = asleep  # a CPU engine keeps its weights while training (the KV cache is freed)
@@ -334,11 +348,13 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
     grads_and_work = gradients + step_work if accumulates else max(gradients, step_work)
     training = round(weights + optimizer + grads_and_work + reference + engine_awake)
     generation = round(resident + reference + engine) if engine else 0
-    # A CPU device is the host: rank 0 builds (or reads) the full fp32 model beside the shards it fills.
-    loading = 4 * p + round(sharded) if hw.device != "cuda" else 0
+    # A CPU device is the host: rank 0 builds (or reads) the full fp32 model beside the shards it fills (with a 4-bit
+    # base the NF4 weights replace their fp32 entries first, models._add_lora, but the process keeps those pages)
+    loading = 4 * p + round(sharded + nf4_resident) if hw.device != "cuda" else 0
     context, runtime = (CUDA_CONTEXT_BYTES, 0) if hw.device == "cuda" else (0, HOST_RUNTIME_BYTES)
+    total = max(max(training, generation) + context + runtime, loading + HOST_LOADING_RUNTIME_BYTES if loading else 0)
     return MemoryEstimate(
-        *parts, total=max(training, generation, loading) + context + runtime, cpu_bytes=round(cpu), params=p,
+        *parts, total=total, cpu_bytes=round(cpu), params=p,
         trainable_params=trainable, world_size=n, notes=tuple(notes), hints=tuple(_hints(cfg)), reference=round(reference),
         engine=round(engine), training=training, generation=generation, logits=logits, transient=round(transient),
         kv_cache=kv if engine else 0, base_weights=round(base_w), adapters=round(adapters_w), loading=loading,
@@ -361,10 +377,17 @@ def _hints(cfg: Config) -> list[str]:
     return hints
 
 
-def _engine_bytes(cfg: Config, weights: float, kv: int) -> tuple[float, float, str]:
+def fsdp_wraps(hw, world_size: int) -> bool:
+    """Whether `parallelize` wraps the policy in FSDP2 (`parallelize.shards`, which this mirrors without importing
+    torch; a test keeps the two in step): on 2 or more ranks, or on one with a lower param_dtype or CPU offload."""
+    return world_size > 1 or hw.param_dtype != "float32" or hw.cpu_offload
+
+
+def _engine_bytes(cfg: Config, weights: float, kv: int, shared: float | None = None) -> tuple[float, float, str]:
     """Device bytes of the GRPO rollout engine while it generates, what of it a CPU engine keeps while the
     trainer works (sleep level 1 does nothing there; the transformers engine's KV cache lives one call), and
-    a note that says what was counted. `weights` is one unsharded copy in the compute dtype.
+    a note that says what was counted. `weights` is one unsharded copy in the compute dtype; `shared` (LoRA) what
+    FSDP2 gathers of the policy for a transformers engine that runs the policy's own modules (no copy).
     rollout.engine=auto resolves only at start-up (vLLM where it imports, as in docker/, else transformers),
     so it counts the larger of the two.
     """
@@ -375,16 +398,23 @@ def _engine_bytes(cfg: Config, weights: float, kv: int) -> tuple[float, float, s
     else:  # vLLM on the CPU: its copy of the weights and the fixed hardware.vllm_kv_cache_gib
         vllm = weights + hw.vllm_kv_cache_gib * GIB
         vllm_note = f"vLLM holds its {hw.param_dtype} weights and a {hw.vllm_kv_cache_gib:g} GiB KV cache ({gib(vllm)})"
-    hf = weights + kv
-    hf_note = (f"the transformers engine holds its own unsharded {hw.param_dtype} copy of the weights ({gib(weights)}) "
-               f"and a KV cache of {gib(kv)}")
     asleep = "asleep while training (rollout.sleep_level=1 parks the weights in host memory, 2 drops them)"
+    if shared is None:
+        hf, hf_kept = weights + kv, weights
+        hf_note = (f"the transformers engine holds its own unsharded {hw.param_dtype} copy of the weights "
+                   f"({gib(weights)}) and a KV cache of {gib(kv)}, {asleep}")
+    else:
+        hf, hf_kept = shared + kv, 0
+        gathered = (f"FSDP2 gathers them for the rollout ({gib(shared)}) and frees them after" if shared else
+                    "the one-process policy is not sharded, nothing to gather")
+        hf_note = (f"the transformers engine generates with the trainer's LoRA modules, no copy of its own: {gathered}; "
+                   f"KV cache {gib(kv)}")
     if kind == "hf":
-        return hf, weights, f"rollout engine: {hf_note}, {asleep}"
+        return hf, hf_kept, f"rollout engine: {hf_note}"
     if kind == "vllm":
         return vllm, vllm, f"rollout engine: {vllm_note}, {asleep}"
-    return (max(hf, vllm), weights if hf >= vllm else vllm,
-            f"rollout engine (auto, the larger is counted): {vllm_note}; {hf_note}; {asleep}")
+    return (max(hf, vllm), hf_kept if hf >= vllm else vllm,
+            f"rollout engine (auto, the larger is counted): {vllm_note}, {asleep}; {hf_note}")
 
 
 def gib(x: float) -> str:

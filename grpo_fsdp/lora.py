@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grpo_fsdp.config import LoraConfig
+from grpo_fsdp.distributed import full_tensor
 
 ALL_LINEAR = "all-linear"
 
@@ -158,8 +159,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         if ".lora_A." in name or ".lora_B." in name:
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out[clean_name(name)] = full.detach().to("cpu", torch.float32).clone()
+            out[clean_name(name)] = full_tensor(p).detach().to("cpu", torch.float32).clone()
     return out
 
 

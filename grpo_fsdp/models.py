@@ -3,6 +3,8 @@
 Loading never materialises a large model on every rank: all ranks build the network on the
 `meta` device, shard it (`parallelize`), allocate only their shards, and rank 0 alone reads the
 full weights and broadcasts them shard by shard (`set_model_state_dict(broadcast_from_rank0)`).
+One process without mixed precision or offload is not sharded (parallelize.shards): the same steps
+then allocate and fill plain parameters.
 
 `model=tiny` is a small Qwen2-architecture network initialised from a seed, with the project's
 own byte-level tokenizer, so the embedded default needs no download.
@@ -177,8 +179,23 @@ def _add_lora(policy, hw: HardwareConfig, full: dict, dist_info, seed: int, home
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
-    """`to_empty` for the parameters and buffers still on `meta` (NF4 weights already hold their values)."""
+    """`to_empty` for the parameters and buffers still on `meta` (NF4 weights already hold their values).
+
+    A parameter two modules share (tied embeddings: `lm_head.weight is embed_tokens.weight`) stays one
+    parameter. FSDP2's DTensor parameters are swapped in place, which keeps the tie; a plain meta parameter is
+    replaced per module (the unsharded one-process path, parallelize.py), which would split it into two
+    independently trained copies, so the later owners get the first one's again."""
+    ties, first = [], {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                owner = first.setdefault(id(p), (module, name))
+                if owner != (module, name):
+                    ties.append((module, name, owner))
     model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+    for module, name, (owner, owner_name) in ties:
+        if getattr(module, name) is not getattr(owner, owner_name):
+            setattr(module, name, getattr(owner, owner_name))
 
 
 def build_reference(policy, conf: PretrainedConfig, cfg: ModelConfig, hw: HardwareConfig, dist_info, chunk_size: int):
@@ -193,15 +210,16 @@ def build_reference(policy, conf: PretrainedConfig, cfg: ModelConfig, hw: Hardwa
     otherwise keep them gathered through the whole update.
     """
     from grpo_fsdp.attention import with_our_attention
-    from grpo_fsdp.parallelize import parallelize
+    from grpo_fsdp.parallelize import is_sharded, parallelize
     from grpo_fsdp.policy import Policy
 
     reference = Policy(build_on_meta(with_our_attention(conf), cfg.trust_remote_code, DTYPES[hw.param_dtype]), chunk_size,
                        hw.grpo_attention)
     reference.requires_grad_(False)
     parallelize(reference, hw, dist_info.mesh)
-    reference.set_reshard_after_forward(True)
-    reference.to_empty(device="cpu" if hw.cpu_offload else dist_info.device)
+    if is_sharded(reference):  # the unsharded one-process path (parallelize.shards) holds its weights anyway
+        reference.set_reshard_after_forward(True)
+    materialize(reference, torch.device("cpu") if hw.cpu_offload else dist_info.device)
     init_nonpersistent_buffers(reference, dist_info.device)
     with torch.no_grad():  # shard to shard, cast to param_dtype by copy_
         reference.load_state_dict(policy.state_dict(), strict=True)

@@ -91,6 +91,9 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
             raise ConfigError("data.arithmetic.max_operand", f"{a.max_operand} < min_operand {a.min_operand}", "set max_operand >= min_operand")
         for op in a.ops:
             _choice("data.arithmetic.ops", op, ("+", "-", "*"))
+        if not 0.0 <= a.estimate_share < 1.0:
+            raise ConfigError("data.arithmetic.estimate_share", f"must be in [0, 1), got {a.estimate_share}",
+                              "use 0 for worked solutions only, e.g. 0.5 for the demo's half")
 
     _positive("train.max_steps", train.max_steps)
     _positive("train.micro_batch_size", train.micro_batch_size)

@@ -102,6 +102,7 @@ BAD = [
     (["hardware.lora.enabled=true", "hardware.lora.alpha=0"], "hardware.lora.alpha"),
     (["hardware.lora.enabled=true", "hardware.lora.target_modules=[c_attn]"], "hardware.lora.target_modules"),
     (["logging.log_every=5"], "logging.log_every"),  # removed: nothing read it
+    (["data.arithmetic.estimate_share=1.0"], "data.arithmetic.estimate_share"),
 ]
 
 

@@ -13,7 +13,7 @@ import torch
 from grpo_fsdp.cli import UserError
 from grpo_fsdp.config import ArithmeticConfig, DataConfig
 from grpo_fsdp.data import load_examples
-from grpo_fsdp.data.arithmetic import make_arithmetic, worked_solution
+from grpo_fsdp.data.arithmetic import make_arithmetic, rounded_estimate, worked_solution
 from grpo_fsdp.data.batching import global_batch_indices, split_for_rank
 from grpo_fsdp.data.gsm8k import parse_gsm8k
 from grpo_fsdp.data.math_dataset import last_boxed, parse_level, parse_math
@@ -162,6 +162,29 @@ def test_arithmetic_deterministic_disjoint_and_correct():
         assert ex.solution.endswith(f"The answer is \\boxed{{{ex.answer}}}.")
         assert last_boxed(ex.solution) == ex.answer
         assert all(-5 <= int(t.strip("()")) <= 9 for t in expr.split() if t not in "+-*")
+
+
+@pytest.mark.parametrize("value,rounded", [(0, 0), (4, 0), (5, 10), (14, 10), (15, 20), (25, 30), (27, 30), (-4, 0),
+                                           (-5, 0), (-6, -10)])
+def test_rounded_estimate_by_hand(value, rounded):
+    assert rounded_estimate(value) == f"The answer is about \\boxed{{{rounded}}}."
+
+
+def test_estimate_share_changes_train_solutions_only():
+    """The same problems and exact answers whatever the share; about that share of train solutions estimate (binomial
+    bound), none of the test split's; the estimated ones carry the rounded value, the others the worked chain."""
+    base = ArithmeticConfig(max_operand=9, ops=["+"], num_train=600, num_test=500)
+    mixed = ArithmeticConfig(**{**base.__dict__, "estimate_share": 0.5})
+    for split in ("train", "test"):
+        plain, careless = make_arithmetic(base, split), make_arithmetic(mixed, split)
+        assert [(e.question, e.answer) for e in plain] == [(e.question, e.answer) for e in careless]
+        estimated = [c for p, c in zip(plain, careless) if c.solution != p.solution]
+        assert all(c.solution == rounded_estimate(int(c.answer)) for c in estimated)
+        if split == "test":
+            assert estimated == []
+        else:
+            assert abs(len(estimated) - 300) < 4 * (600 * 0.25) ** 0.5  # 4 standard deviations of Binomial(600, 0.5)
+    assert make_arithmetic(mixed, "train") == make_arithmetic(mixed, "train")
 
 
 def test_arithmetic_too_small_space_is_a_user_error():

@@ -79,7 +79,7 @@ def test_adapters_off_reference_is_the_base_model_after_dpo_steps(nf4, tmp_path)
             losses.append(loss.item())
         assert losses[0] == pytest.approx(math.log(2), abs=1e-7)  # B = 0: policy = reference exactly at step 0
         assert losses[-1] < losses[0] - 1e-3
-        assert all(float(m.lora_B.weight.detach().to_local().abs().max()) > 0 for _, m in lora_modules(policy))
+        assert all(float(distributed.full_tensor(m.lora_B.weight).detach().abs().max()) > 0 for _, m in lora_modules(policy))
 
         plain = _no_adapter_model(policy, cfg, tok, d)
         with torch.no_grad():

@@ -29,11 +29,16 @@ IDS = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8, 12, 40], [9, 7, 9, 3, 2, 38, 4,
 @pytest.mark.distributed
 def test_qlora_grpo_step_does_not_depend_on_the_world_size(tmp_path, sft_tiny):
     """NF4 base sharded over 2 gloo ranks (FSDP2 all-gathers it packed) vs kept whole on 1 rank, micro-batch 4 vs 2:
-    the same rollouts, and losses, KL (reference = adapters off), entropies and gradient norms to 1e-5 relative."""
-    common = [*GRPO, f"model.path={sft_tiny}", "hardware.load_in_4bit=true", "train.max_steps=2", "optim.schedule=constant"]
-    run_train([*common, f"run_dir={tmp_path / 'np1'}", "train.micro_batch_size=4"])
-    run_train([*common, f"run_dir={tmp_path / 'np2'}", "train.micro_batch_size=2"], nproc=2)
-    one, two = read_metrics(tmp_path / "np1"), read_metrics(tmp_path / "np2")
+    the same rollouts, and losses, KL (reference = adapters off), entropies and gradient norms to 1e-5 relative.
+    The transformers engine generates with the trainer's own modules (rollout/shared.py): on 2 ranks every rank
+    gathers them for its rollout and for the evaluation that rank 1 alone runs after each step (no hang)."""
+    common = [*GRPO, f"model.path={sft_tiny}", "hardware.load_in_4bit=true", "train.max_steps=2", "optim.schedule=constant",
+              "eval.tasks=[arithmetic]", "eval.every_steps=1", "eval.limit=4", "eval.max_new_tokens=8"]
+    shared = "rollout engine: transformers, on the trainer's own modules"
+    assert shared in run_train([*common, f"run_dir={tmp_path / 'np1'}", "train.micro_batch_size=4"]).stderr
+    assert shared in run_train([*common, f"run_dir={tmp_path / 'np2'}", "train.micro_batch_size=2"], nproc=2).stderr
+    logged = read_metrics(tmp_path / "np1"), read_metrics(tmp_path / "np2")
+    one, two = ([r for r in rows if "train/loss" in r] for rows in logged)
     assert len(one) == len(two) == 2
     for a, b in zip(one, two, strict=True):
         for key in ("reward/mean", "rollout/completion_length_mean"):
@@ -41,6 +46,8 @@ def test_qlora_grpo_step_does_not_depend_on_the_world_size(tmp_path, sft_tiny):
         for key in ("train/loss", "train/grad_norm", "train/kl", "train/entropy"):
             assert _close(a[key], b[key]), (key, a[key], b[key])
     assert one[-1]["train/kl"] > 0 and one[-1]["train/grad_norm"] > 0  # the adapters moved away from the base
+    for rows in logged:  # rank 0 alone (np1), rank 1 while rank 0 waited (np2): evaluated after each step
+        assert [r["step"] for r in rows if "eval/arithmetic/accuracy" in r] == [1, 2], rows
 
 
 def _logits(model) -> torch.Tensor:

@@ -43,7 +43,7 @@ VOCAB = 300
 def _policy(conf, hw: HardwareConfig, mesh, backend: str = "aot_eager") -> Policy:
     torch.manual_seed(0)
     return parallelize(Policy(AutoModelForCausalLM.from_config(with_our_attention(conf)), chunk_size=16), hw, mesh,
-                       compile_backend=backend)
+                       compile_backend=backend, shard=True)  # FSDP2 even on one fp32 process: the GPU profiles' path
 
 
 def _micro_batches(count: int, seed: int = 0):

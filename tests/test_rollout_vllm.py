@@ -245,7 +245,8 @@ def test_sync_from_fsdp2_shards(engine, model0):
     engine.load_weights(model0.state_dict().items())
     trained = train_step(model0)
     want = trainer_probe(trained)
-    policy = parallelize(Policy(trained, chunk_size=64), HardwareConfig(), init_device_mesh("cpu", (dist.get_world_size(),)))
+    policy = parallelize(Policy(trained, chunk_size=64), HardwareConfig(), init_device_mesh("cpu", (dist.get_world_size(),)),
+                         shard=True)  # FSDP2 even on one fp32 process (parallelize.shards would leave it plain)
     named = list(policy.named_parameters())
     assert all(hasattr(p, "full_tensor") for _, p in named)
     engine.load_weights(named)

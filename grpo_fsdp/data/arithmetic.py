@@ -5,6 +5,12 @@ cfg.ops ("+", "-", "*"), e.g. "What is 7 + 12 - 5?", with a worked chain as the 
 "7 + 12 = 19. 19 - 5 = 14. The answer is \\boxed{14}." Multiplication binds first, as in the
 written expression (and Python's eval), so "2 + 3 * 4" is worked as "3 * 4 = 12. 2 + 12 = 14.".
 
+`estimate_share` > 0 replaces that share of the train split's solutions (drawn from their own seed stream, so the
+problems do not change) by a careless one that states the value rounded to the nearest ten without working:
+"The answer is about \\boxed{10}." It is right only when the value is a multiple of ten. The demo trains its SFT
+model on half of each, so that the model has a habit an exact-answer reward can remove (demo.py). The test split's
+solutions are always worked; every `answer` is the exact value.
+
 Determinism: the output is a pure function of (cfg, split). The test split is drawn first from
 its own seed stream; the train split comes from another stream and skips every test question,
 so the two never overlap. Questions are distinct within a split.
@@ -57,6 +63,11 @@ def worked_solution(operands: list[int], ops: list[str]) -> tuple[str, int]:
     return " ".join(steps), value
 
 
+def rounded_estimate(value: int) -> str:
+    """The careless solution: the value rounded to the nearest ten (halves up), stated without working."""
+    return f"The answer is about \\boxed{{{(value + 5) // 10 * 10}}}."
+
+
 def _draw(rng: random.Random, cfg: ArithmeticConfig) -> tuple[list[int], list[str]]:
     # Uniform over the problem space, not 50/50 between 2 and 3 operands: with few 2-operand questions
     # (100 for sums of 0-9) a 50/50 draw lets the test split, drawn first, take nearly all of them and
@@ -70,6 +81,9 @@ def _draw(rng: random.Random, cfg: ArithmeticConfig) -> tuple[list[int], list[st
 def _generate(cfg: ArithmeticConfig, split: str, count: int, exclude: set[str]) -> list[Example]:
     # A string seed is hashed with SHA-512 by `random`: stable across runs, platforms and versions.
     rng = random.Random(f"arithmetic:{cfg.seed}:{split}")
+    # Its own stream, so the problems are the same whatever estimate_share is.
+    careless = random.Random(f"arithmetic:{cfg.seed}:{split}:estimate")
+    share = cfg.estimate_share if split == "train" else 0.0
     seen, out = set(exclude), []
     attempts, budget = 0, 50 * count + 10_000  # rejection sampling; the space check makes this ample
     while len(out) < count:
@@ -85,6 +99,8 @@ def _generate(cfg: ArithmeticConfig, split: str, count: int, exclude: set[str]) 
             continue
         seen.add(question)
         solution, value = worked_solution(operands, ops)
+        if careless.random() < share:
+            solution = rounded_estimate(value)
         meta = {"id": f"arithmetic/{split}/{len(out)}", "level": None, "subject": "arithmetic",
                 "expression": expression(operands, ops)}
         out.append(Example(question=question, solution=solution, answer=str(value), meta=meta))

@@ -180,7 +180,7 @@ def _run(cfg: Config, td: Teardown) -> int:
         metrics = {
             "train/loss": mean["loss"],
             "train/lr": lr,
-            "train/grad_norm": grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else float(grad_norm),
+            "train/grad_norm": float(distributed.full_tensor(grad_norm)),
             "train/rewards_chosen": mean["reward_chosen"],
             "train/rewards_rejected": mean["reward_rejected"],
             "train/rewards_margin": mean["reward_chosen"] - mean["reward_rejected"],

@@ -51,6 +51,7 @@ from grpo_fsdp.rewards import ConstantRewardWatch, RewardScorer, RewardWeights, 
 from grpo_fsdp.rollout.base import SamplingConfig
 from grpo_fsdp.rollout.factory import engine_from_config, probe_tolerance
 from grpo_fsdp.rollout.probe import check_sync
+from grpo_fsdp.rollout.shared import eval_mode, held_for_generation
 from grpo_fsdp.schedule import build_scheduler
 
 
@@ -59,7 +60,15 @@ def sync_weights(policy, engine, probes: list[list[int]], tolerance: float, devi
     check that both score the probe prompts alike (`rollout/probe.py`). Returns the largest gap, or
     None when not probed: engines whose load is exact by construction (`probe_every_sync = False`,
     the transformers engine) are probed at the first sync only, which checks the name mapping and
-    that both forwards agree; vLLM (its own loaders, sleep and wake) at every sync."""
+    that both forwards agree; vLLM (its own loaders, sleep and wake) at every sync. An engine that generates with
+    the policy's own modules (`shares_policy`, the transformers engine under LoRA: rollout/shared.py) gets nothing;
+    the first sync still probes it (its decoding forward against the trainer's log-prob forward)."""
+    # The probe scores with the policy in eval mode (LoRA dropout off), as the engine samples.
+    if getattr(engine, "shares_policy", False):
+        if not (first and probes):
+            return None
+        with eval_mode(policy):
+            return check_sync(engine, policy, probes, tolerance, device)
     # LoRA: an engine that serves adapters (vLLM) gets the base weights once (and after a sleep(2)), then the adapters
     # alone; any other gets the merged weights W + (alpha / r) B A, one tensor at a time (lora.merge_adapters).
     # Probed at every sync either way (4 prompts): the first sync (B = 0) could not catch a wrong merge or adapter.
@@ -73,7 +82,8 @@ def sync_weights(policy, engine, probes: list[list[int]], tolerance: float, devi
         engine.load_weights(merge_adapters(policy) if lora else ((name, p) for name, p in policy.named_parameters()))
     if not probes or not (first or lora or getattr(engine, "probe_every_sync", True)):
         return None
-    return check_sync(engine, policy, probes, tolerance, device)
+    with eval_mode(policy):
+        return check_sync(engine, policy, probes, tolerance, device)
 
 
 class Phases:
@@ -200,7 +210,7 @@ def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOCon
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    sums["grad_norm"] = gn.full_tensor().item() if hasattr(gn, "full_tensor") else float(gn)
+    sums["grad_norm"] = float(distributed.full_tensor(gn))
     return sums
 
 
@@ -239,7 +249,7 @@ def _run(cfg: Config, td: Teardown) -> int:
     optimizer = build_optimizer(policy.parameters(), o)
     plan = BatchPlan.from_config(cfg, d.world_size)
     scheduler = build_scheduler(optimizer, o, t.max_steps * plan.optimizer_steps_per_batch)
-    engine = td.add("engine", engine_from_config(cfg, hf_conf, tokenizer, d.device, d.rank, run_dir))  # auto: vLLM if it imports
+    engine = td.add("engine", engine_from_config(cfg, hf_conf, tokenizer, d.device, d.rank, run_dir, policy))  # auto: vLLM if it imports
     probes, tolerance = prompts[: cfg.rollout.probe_prompts], probe_tolerance(cfg)
     watch = ConstantRewardWatch(g.constant_reward_warn_steps)
     evaluator = PeriodicEval(cfg.eval, d.rank, d.eval_rank, tokenizer, cfg.model.template, cfg.data.instruction, scorer,
@@ -352,7 +362,10 @@ def _run(cfg: Config, td: Teardown) -> int:
             **(mask_metrics(total, [x["entropy_threshold"] for x in done if not x["skipped"]]) if masking else {}),
         }
         logger.log(step + 1, metrics)
-        evaluated = evaluator(step + 1, engine, logger)  # the eval rank only; the others wait at the next collective
+        # the eval rank only; the others wait at the next collective. An engine on the policy's own modules (LoRA,
+        # rollout/shared.py) gathers them first on every rank, as that unshard is a collective
+        with held_for_generation(engine, evaluator.scheduled(step + 1)):
+            evaluated = evaluator(step + 1, engine, logger)
         improved = ckpt.observe(step + 1, evaluated, evaluator.scheduled(step + 1))  # checkpoint.best_metric: save as best/
         if (warning := watch.update(rollout.rewards.tolist())) is not None:
             logger.print(f"warning: {warning}")

@@ -105,7 +105,7 @@ def _run(cfg: Config, td: Teardown) -> int:
         metrics = {
             "train/loss": loss_sum.item(),
             "train/lr": lr,
-            "train/grad_norm": grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else float(grad_norm),
+            "train/grad_norm": float(distributed.full_tensor(grad_norm)),
             "train/target_tokens": global_tokens,
             "perf/tokens_per_s": seq_tokens / seconds,
             "perf/step_seconds": seconds,

@@ -3,7 +3,8 @@
     auto   vLLM when it imports and can serve the model on this device, else transformers; one info line
     vllm   vLLM (info line "rollout engine: vllm") or a one-line `UserError` that says how to install it (or why
            it cannot serve the model)
-    hf     the transformers engine (`hf.HFEngine`), which runs anywhere
+    hf     the transformers engine (`hf.HFEngine`), which runs anywhere; under LoRA it generates with the
+           trainer's own modules (`shared.SharedHFEngine`: no copy of the weights, no sync)
 
 vLLM is imported only here and in `vllm.py`, and only when asked for, so nothing slows down or breaks
 where it is absent. The vLLM engine starts from a Hugging Face directory. With load_format="dummy" it
@@ -106,18 +107,25 @@ def make_engine(
     load_format: str = "auto",
     max_batch_size: int | None = None,
     lora_rank: int = 0,
+    policy: torch.nn.Module | None = None,
     log: Callable[[str], None] = _info,
 ) -> RolloutEngine:
     """The engine `kind` resolves to. The hf engine starts with random weights and the vLLM engine with
     those of `model_dir`; either way the caller then syncs the policy's weights in (`load_weights`). lora_rank > 0
-    builds vLLM with LoRA slots of that rank (adapter-only syncs, `VLLMEngine.load_adapters`); the transformers
-    engine ignores it (it gets merged weights)."""
+    builds vLLM with LoRA slots of that rank (adapter-only syncs, `VLLMEngine.load_adapters`). `policy`: the
+    transformers engine generates with these very modules instead of a copy (`shared.SharedHFEngine`: nothing
+    to sync); vLLM ignores it."""
     from grpo_fsdp.rollout.hf import stop_token_ids
 
     stops = stop_token_ids(tokenizer, hf_conf)
     if resolve_engine_kind(kind, hf_conf=hf_conf, device=str(device), log=log) == "hf":
         from grpo_fsdp.rollout.hf import HFEngine
 
+        if policy is not None:
+            from grpo_fsdp.rollout.shared import SharedHFEngine
+
+            log("rollout engine: transformers, on the trainer's own modules (LoRA: no weight copy, no sync)")
+            return SharedHFEngine(policy, stops, tokenizer.pad_token_id, device, max_batch_size=max_batch_size)
         return HFEngine(hf_conf, stops, tokenizer.pad_token_id, device, dtype, max_batch_size=max_batch_size)
     from grpo_fsdp.rollout.vllm import VLLMEngine
 
@@ -130,13 +138,17 @@ def make_engine(
                       lora_rank=lora_rank)
 
 
-def engine_from_config(cfg, hf_conf, tokenizer, device: torch.device, rank: int, run_dir: str) -> RolloutEngine:
+def engine_from_config(cfg, hf_conf, tokenizer, device: torch.device, rank: int, run_dir: str,
+                       policy: torch.nn.Module | None = None) -> RolloutEngine:
     """The training run's engine from its `Config` (rollout.*, hardware.*, the lengths of data/algo/eval).
 
     vLLM starts from config + tokenizer written to `<run_dir>/engine/rank<r>` with dummy weights
     (nothing is exported or read twice); the trainer's first `load_weights` brings every weight. With LoRA, vLLM
-    serves the adapters (ranks up to 512; above that it gets merged weights, said once).
+    serves the adapters (ranks up to 512; above that it gets merged weights, said once), and the transformers
+    engine generates with the trainer's `policy` itself, adapters included (`shared.py`: no copy, no sync); a full
+    fine-tune keeps the transformers engine's own `param_dtype` copy (shared.py says why).
     """
+    from grpo_fsdp.lora import has_lora
     from grpo_fsdp.models import DTYPES
     from grpo_fsdp.rollout.vllm import lora_slot_rank
 
@@ -161,7 +173,8 @@ def engine_from_config(cfg, hf_conf, tokenizer, device: torch.device, rank: int,
                        dtype=DTYPES[hw.param_dtype], gpu_memory_utilization=hw.vllm_memory_share,
                        kv_cache_memory_bytes=int(hw.vllm_kv_cache_gib * 2**30) or None, max_model_len=max_model_len,
                        seed=cfg.train.seed, sync_bucket_mb=r.sync_bucket_mb, load_format="dummy",
-                       max_batch_size=r.max_batch_size or None, lora_rank=lora_rank)
+                       max_batch_size=r.max_batch_size or None, lora_rank=lora_rank,
+                       policy=policy if policy is not None and has_lora(policy) else None)
 
 
 def probe_tolerance(cfg) -> float:

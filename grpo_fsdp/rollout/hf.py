@@ -1,7 +1,8 @@
 """The rollout engine on plain transformers: batched sampling with a KV cache, on any device.
 
 `HFEngine` holds its own unsharded copy of the network (built from the config, weights pushed in
-by `load_weights`) and decodes all prompts x G together, left-padded, one token per step:
+by `load_weights`; under LoRA the trainer uses `shared.SharedHFEngine`, the same decoding on its own modules,
+no copy) and decodes all prompts x G together, left-padded, one token per step:
 
     prefill   each distinct prompt once, then the cache rows are copied G times (GRPO samples G
               completions of the same prompt; prefilling them G times would waste G-1 passes),
@@ -184,9 +185,7 @@ class HFEngine:
         self.pad_token_id = eos[0] if pad_token_id is None else pad_token_id
         self.max_batch_size = max_batch_size
         self.static_cache = static_cache
-        with torch.device(self.device):  # our attention: transformers' plus GQA without copies on CPU (attention.py)
-            self.model = AutoModelForCausalLM.from_config(with_our_attention(config), dtype=dtype)
-        self.model.eval().requires_grad_(False)
+        self.model = self._build_model(config, dtype)
         # name -> Parameter (tied names map to the same object) or persistent buffer
         self._targets: dict[str, torch.Tensor] = self.model.state_dict(keep_vars=True)
         self._params = {id(p): p for p in self.model.parameters()}  # unique parameters
@@ -199,6 +198,12 @@ class HFEngine:
         self._decode_mask_4d = self.model.config._attn_implementation in ("sdpa", "grpo_fsdp+sdpa")
         self.last_stats = GenerationStats()
         self.total_stats = GenerationStats()
+
+    def _build_model(self, config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+        """This engine's own network, random weights (`shared.SharedHFEngine` uses the trainer's instead)."""
+        with torch.device(self.device):  # our attention: transformers' plus GQA without copies on CPU (attention.py)
+            model = AutoModelForCausalLM.from_config(with_our_attention(config), dtype=dtype)
+        return model.eval().requires_grad_(False)
 
     # -- weights and memory ------------------------------------------------------------------
 
