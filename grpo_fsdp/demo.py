@@ -3,7 +3,7 @@
     python -m grpo_fsdp.demo [--out=DIR] [pipeline=grpo|dpo] [lora=true] [overrides for every stage...]
                              [sft:<override>] [grpo:<override>] [dpo:<override>]
 
-`pipeline=dpo` runs the same SFT stage, then DPO on the synthetic preference set instead of GRPO
+`pipeline=dpo` runs the same SFT stage, then DPO on pairs of its own graded samples instead of GRPO
 (`demo_dpo.py`, its summary in `<out>/summary-dpo.json`); below, the default `pipeline=grpo`. `lora=true` trains the
 GRPO stage as QLoRA (LoRA adapters on every linear of the SFT model quantized to NF4, `LORA`) into `<out>/grpo-lora`,
 its summary in `<out>/summary-lora.json`.
@@ -43,13 +43,22 @@ OUT = Path("outputs/demo")
 # to +-7.5 with the former 200); the 1,100 distinct problems this task allows leave 600 for training.
 # The two splits need the same mix of 2- and 3-operand problems (data/arithmetic.py draws uniformly over
 # the problem space; drawing half of each made the test split 40% 2-operand and the train split 2%).
+# Half the SFT solutions estimate ("The answer is about \\boxed{20}.", right only for multiples of ten) instead of
+# working the sum out: the SFT model learns both habits, and the exact-answer reward lets GRPO find that working
+# pays. On worked solutions only, GRPO had to teach addition facts that SFT had not finished teaching, one bit of
+# reward per sample, and gained +7.2 to +27.8 points over seeds 0-2 (median +11.6); RL is known to sharpen what the
+# model already samples rather than teach it new skills (Yue et al. 2025, arXiv 2504.13837). Measurements:
+# benchmarks/results/demo_gain_investigation-2026-11-30-amd-epyc-2-cores.md, sections 3 and 6.
 TASK = ["data.arithmetic.max_operand=9", "data.arithmetic.ops=[+]", "data.arithmetic.num_train=600",
-        "data.arithmetic.num_test=500", "data.instruction=''"]
+        "data.arithmetic.num_test=500", "data.instruction=''", "data.arithmetic.estimate_share=0.5"]
 # Two attention heads of 64 (the tiny config has four of 32): across seeds 0-2 the SFT model lands at 53.0-56.8%
 # instead of 45.6-81.6%, and GRPO's median gain is +11.6 points instead of +5.8 (benchmarks/results/
 # demo_seeds-2026-11-30-amd-epyc-2-cores-2heads.md against demo_seeds-2026-11-30-amd-epyc-2-cores.md).
 MODEL = ["model.arch.num_heads=2", "model.arch.num_kv_heads=1"]
-SFT = ["algo=sft", "train.max_steps=600", "train.global_batch_size=32", "train.micro_batch_size=16"]
+# 1,500 steps, as half the solutions are worked. Seed 0 with 60% estimates gained +10.2 points after 600 SFT steps
+# (the worked chain itself too weak to pay: GRPO's reward stayed at 5-19%), +29.4 after 1,200; at 50%, 1,000 steps
+# gave +32.6, +4.0, +52.6 over seeds 0-2 (seed 1's chain right ~20% of the time) and 1,500 steps +19.8, +50.8, +61.0.
+SFT = ["algo=sft", "train.max_steps=1500", "train.global_batch_size=32", "train.micro_batch_size=16"]
 # GRPO moves a tiny model fast: a constant 5e-5 (60x below SFT's peak) raised held-out accuracy in
 # our sweeps, 2e-4 and above lowered it.
 # The transformers engine: vLLM (`rollout.engine=vllm`) works too but spends ~40 s compiling on a
@@ -58,8 +67,9 @@ GRPO = ["algo=grpo", "rollout.engine=hf", "train.max_steps=50", "algo.prompts_pe
         "train.global_batch_size=128", "train.micro_batch_size=32", "optim.lr=5e-5", "optim.warmup_steps=2",
         "optim.schedule=constant", "algo.reward_workers=1"]
 # QLoRA (issue 14 item 8): r 16, alpha 32 on every linear, the SFT model's weights in NF4. lr 5e-4, 10x the full
-# fine-tune's: on seed 0, +12.6 points (q,k,v,o only: +9.0; lr 1e-3: +7.0, 2e-3: -1.0), level with the full
-# fine-tune's +11.6 (benchmarks/results/demo_lora-2026-11-30-amd-epyc-2-cores.md).
+# fine-tune's: on the former all-worked task, seed 0, +12.6 points (q,k,v,o only: +9.0; lr 1e-3: +7.0, 2e-3: -1.0),
+# level with the full fine-tune's +11.6; on the demo's task now +24.0, +48.4, +61.2 over seeds 0-2 (full: +19.8,
+# +50.8, +61.0; benchmarks/results/demo_lora-2026-11-30-amd-epyc-2-cores.md).
 LORA = ["hardware.lora.enabled=true", "hardware.load_in_4bit=true", "hardware.lora.target_modules=[all-linear]",
         "optim.lr=5e-4"]
 

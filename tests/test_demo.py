@@ -63,7 +63,8 @@ DPO_SHORT = [
 ]
 DPO_FIELDS = {"pipeline", "seed", "sft_accuracy", "dpo_accuracy", "gain_points", "gain_ci95", "held_out_problems",
               "held_out_pairs", "sft_pair_accuracy", "dpo_pair_accuracy", "reward_accuracy", "reward_margin",
-              "sft_mean_length", "dpo_mean_length", "dpo_settings", "sft_seconds", "dpo_seconds", "eval_seconds", "seconds"}
+              "pairs", "prompts_skipped", "pairs_gold_chosen", "sft_mean_length", "dpo_mean_length", "dpo_settings",
+              "sft_seconds", "pairs_seconds", "dpo_seconds", "eval_seconds", "seconds"}
 
 
 def test_short_dpo_demo_writes_every_summary_field(tmp_path):
@@ -83,8 +84,14 @@ def test_short_dpo_demo_writes_every_summary_field(tmp_path):
     assert -100 <= lo <= summary["gain_points"] <= hi <= 100
     assert summary["reward_margin"] != 0  # two updates at lr 1e-3 moved the policy off the reference
     assert summary["dpo_settings"]["steps"] == 2 and summary["dpo_settings"]["lr"] == 1e-3
-    assert 0 < summary["sft_seconds"] + summary["dpo_seconds"] + summary["eval_seconds"] <= summary["seconds"] + 1e-6
+    stages = ("sft_seconds", "pairs_seconds", "dpo_seconds", "eval_seconds")
+    assert 0 < sum(summary[k] for k in stages) <= summary["seconds"] + 1e-6
     assert (out / "sft" / "hf").is_dir() and (out / "dpo" / "hf").is_dir()
+    # on-policy pairs: one per training question with a wrong sample (PAIRS.per_prompt = 1), the rest counted
+    rows = [json.loads(line) for line in (out / "dpo-pairs" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["pairs"] > 0 and summary["pairs"] + summary["prompts_skipped"] == 64
+    assert 0 <= summary["pairs_gold_chosen"] <= summary["pairs"] and all(r["chosen"] != r["rejected"] for r in rows)
+    assert "on-policy pairs" in proc.stdout
     assert "implicit-reward accuracy" in proc.stdout and str(out / "summary-dpo.json") in proc.stdout
 
 
@@ -206,3 +213,21 @@ def test_demo_seeds_cpu_model_is_named():
     name = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "")
     got = _demo_seeds().cpu_model()
     assert got and (got == name if name else True)
+
+
+def test_a_stage_stopped_by_sigterm_stops_the_demo(tmp_path, monkeypatch, capsys):
+    """A stage that saved a checkpoint and returned 0 without exporting hf/ (the trainer's SIGTERM path) must not
+    hand a missing model to the next stage: the demo stops with one line that says how to resume."""
+    import grpo_fsdp.demo as demo_module
+
+    calls = []
+    monkeypatch.setattr(demo_module, "main", lambda overrides: calls.append(overrides) or 0)
+    assert demo_module.demo([f"--out={tmp_path}"]) == 1
+    assert len(calls) == 1  # the GRPO stage never started
+    assert f"run_dir={tmp_path / 'sft'}" in calls[0]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [(f"demo: the SFT stage stopped before its last step (its checkpoint is in {tmp_path / 'sft'}); "
+                   "run the same command again to resume it")]
+    (tmp_path / "sft" / "hf").mkdir(parents=True)  # a finished stage: the demo goes on to GRPO
+    monkeypatch.setattr(demo_module, "main", lambda overrides: calls.append(overrides) or 7)
+    assert demo_module.demo([f"--out={tmp_path}"]) == 7 and len(calls) == 2

@@ -122,3 +122,12 @@ def test_synthetic_pairs_prefer_the_correct_solution_of_the_same_shape():
         wrong = p.rejected.rsplit("\\boxed{", 1)[1].rstrip("}.")
         assert wrong != ex.answer  # a wrong final answer
     assert {p.prompt for p in make_arithmetic_pairs(cfg, "test")}.isdisjoint({p.prompt for p in pairs})
+
+
+def test_synthetic_pairs_choose_the_worked_chain_where_the_sft_target_estimates():
+    """With data.arithmetic.estimate_share the SFT target of about half the problems is "The answer is about ...":
+    the pair's chosen side stays the worked correct chain (it was the estimate before the fix)."""
+    plain = ArithmeticConfig(max_operand=9, ops=["+"], num_train=200, num_test=50)
+    mixed = ArithmeticConfig(**{**plain.__dict__, "estimate_share": 0.5})
+    assert any("about" in ex.solution for ex in make_arithmetic(mixed, "train"))
+    assert make_arithmetic_pairs(mixed, "train") == make_arithmetic_pairs(plain, "train")

@@ -3,7 +3,8 @@
 Each problem of the synthetic arithmetic task (`arithmetic.py`, same settings and splits) becomes one pair:
 
     prompt    the question ("What is 7 + 12 - 5?"), rendered like the SFT / GRPO prompt
-    chosen    the worked correct solution, exactly the SFT target: "7 + 12 = 19. 19 - 5 = 14. The answer is \\boxed{14}."
+    chosen    the worked correct solution, the SFT target: "7 + 12 = 19. 19 - 5 = 14. The answer is \\boxed{14}." (always
+              worked: with data.arithmetic.estimate_share > 0 the SFT target of some problems is an estimate)
     rejected  the same chain with one wrong intermediate result that the later steps carry on:
               "7 + 12 = 21. 21 - 5 = 16. The answer is \\boxed{16}." (same shape, same length up to digits)
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import random
 
 from grpo_fsdp.config import ArithmeticConfig
-from grpo_fsdp.data.arithmetic import make_arithmetic
+from grpo_fsdp.data.arithmetic import make_arithmetic, worked_solution
 from grpo_fsdp.data.preference import PreferencePair
 
 ERRORS = (-3, -2, -1, 1, 2, 3)
@@ -61,5 +62,6 @@ def make_arithmetic_pairs(cfg: ArithmeticConfig, split: str) -> list[PreferenceP
             wrong, value = worked_chain(operands, ops, rng.randrange(len(ops)), rng.choice(ERRORS))
             if str(value) != ex.answer:
                 break
-        pairs.append(PreferencePair(prompt=ex.question, chosen=ex.solution, rejected=wrong))
+        chosen, _ = worked_solution(operands, ops)
+        pairs.append(PreferencePair(prompt=ex.question, chosen=chosen, rejected=wrong))
     return pairs
