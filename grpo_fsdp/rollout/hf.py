@@ -37,6 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, StaticCache
 
 from grpo_fsdp.attention import with_our_attention
+from grpo_fsdp.distributed import full_tensor
 from grpo_fsdp.rollout.base import Completion, GenerationStats, SamplingConfig, check_prompt_lengths
 from grpo_fsdp.rollout.kv_cache import preallocated_cache
 from grpo_fsdp.rollout.noise import column_codes, exponential_noise_, stream_ids
@@ -216,8 +217,7 @@ class HFEngine:
             target = self._targets.get(name)
             if target is None:
                 raise KeyError(f"HFEngine.load_weights: {type(self.model).__name__} has no weight named {name!r}")
-            if hasattr(tensor, "full_tensor"):  # a DTensor shard: gather it (collective on every rank)
-                tensor = tensor.full_tensor()
+            tensor = full_tensor(tensor)  # a DTensor shard is gathered (collective on every rank)
             if tensor.shape != target.shape:
                 raise ValueError(f"HFEngine.load_weights: {name} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(target.shape)}")

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from grpo_fsdp.distributed import full_tensor
 from grpo_fsdp.rollout.base import Completion, GenerationStats, SamplingConfig, check_prompt_lengths
 from grpo_fsdp.rollout.probe import WeightSyncError, compare_logprobs, policy_prompt_logprobs
 
@@ -294,8 +295,7 @@ class VLLMEngine:
             for name, tensor in named_tensors:
                 for seg in _WRAPPER_SEGMENTS:
                     name = name.replace(seg, "")
-                if hasattr(tensor, "full_tensor"):  # a DTensor shard: gather it (collective on every rank)
-                    tensor = tensor.full_tensor()
+                tensor = full_tensor(tensor)  # a DTensor shard is gathered (collective on every rank)
                 tensor = tensor.detach().to(getattr(torch, self.dtype))  # the bucket holds engine-dtype copies
                 m = _LAYER.match(name)
                 key = m.group(1) if m else name
