@@ -2,13 +2,15 @@
 
     .venv/bin/python benchmarks/decode_step.py                      # B 64, V 151,665, H 128 and 1536, fp32
     .venv/bin/python benchmarks/decode_step.py --hidden 128 --repeats 5
+    .venv/bin/python benchmarks/decode_step.py --unused-bias 30    # a trained model's shape: the race prunes
 
 For B rows of last hidden states [B, H] and a head W [V, H] (V = 151,665, Qwen2.5's tokenizer):
 
   head      F.linear(h, W): the logits [B, V], the floor every engine pays
   before    head + the sampler as it was before issue 13: counter-based noise as a fresh [B, V]
             tensor per operation, softmax / noise, argmax, and logsumexp for the sampled log-prob
-  after     head + `rollout.hf.Sampler.sample` (block-wise, in place, no softmax materialised)
+  after     head + `rollout.sampler.Sampler.sample` (block-wise, in place, no softmax materialised, int32
+            noise, the race on the tokens that can win only)
 
 Timing: the three are interleaved in one process (head, before, after, head, ...) and each is the
 median of --repeats rounds, so a shared machine slows all three alike; `x floor` = time / head
@@ -37,7 +39,7 @@ def before_sample(logits, sampling, streams, step):
     """The pre-issue-13 sampler, verbatim in substance: whole-tensor noise, softmax, race, logsumexp."""
     import torch
 
-    from grpo_fsdp.rollout.hf import truncate_logits
+    from grpo_fsdp.rollout.sampler import truncate_logits
     from grpo_fsdp.rollout.noise import exponential_noise
 
     logits = logits.float()
@@ -58,13 +60,16 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--unused-bias", type=float, default=0.0,
+                   help="logits of all but 1,000 random tokens this many nats lower: a trained model's shape, where "
+                        "most of the vocabulary is never in play (the sampler then races only the survivors)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     a = p.parse_args(argv)
 
     import torch
 
     from grpo_fsdp.rollout import SamplingConfig
-    from grpo_fsdp.rollout.hf import Sampler
+    from grpo_fsdp.rollout.sampler import Sampler
     from grpo_fsdp.rollout.noise import stream_ids
 
     sampling = SamplingConfig(n=1, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, max_new_tokens=1)
@@ -76,12 +81,14 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(0)
         W = torch.randn(a.vocab, H, generator=g) * 0.02
         h = torch.randn(a.batch, H, generator=g)
+        bias = torch.full((a.vocab,), -a.unused_bias)
+        bias[torch.randperm(a.vocab, generator=g)[:1000]] = 0.0
         sampler = Sampler(sampling, a.vocab, torch.device("cpu"))
         t = {"head": [], "before": [], "after": []}
         for r in range(a.repeats + 1):
             for name in ("head", "before", "after"):
                 t0 = time.perf_counter()
-                logits = torch.nn.functional.linear(h, W)
+                logits = torch.nn.functional.linear(h, W, bias)
                 if name == "before":
                     tok_b, lp_b, _ = before_sample(logits, sampling, streams, r)
                 elif name == "after":
@@ -94,6 +101,7 @@ def main(argv=None) -> int:
         row = {"hidden": H, "batch": a.batch, "vocab": a.vocab, **{f"{k}_ms": 1e3 * v for k, v in med.items()},
                "before_x_floor": med["before"] / med["head"], "after_x_floor": med["after"] / med["head"],
                "speedup": med["before"] / med["after"], "same_tokens_and_logprobs": same,
+               "raced_share": sampler.survivors / max(sampler.raced, 1),
                "all_ms": {k: [round(1e3 * x, 2) for x in v] for k, v in t.items()}}
         rows.append(row)
         print(f"H {H}: head {row['head_ms']:.1f} ms | before {row['before_ms']:.1f} ms ({row['before_x_floor']:.2f}x floor) | "
@@ -110,7 +118,9 @@ def main(argv=None) -> int:
     text = "" if md.exists() else ("# One decode step vs the LM-head matmul (benchmarks/decode_step.py)\n\n"
                                    "Median ms of interleaved rounds in one process; `x floor` = time / head matmul alone.\n")
     text += (f"\n## {out['date']}: {model}, {out['threads']} threads, load average {' '.join(load)}, torch {torch.__version__}\n\n"
-             f"B {a.batch}, V {a.vocab:,}, fp32, T {a.temperature}, top-k {a.top_k}, top-p {a.top_p}.\n\n"
+             f"B {a.batch}, V {a.vocab:,}, fp32, T {a.temperature}, top-k {a.top_k}, top-p {a.top_p}, "
+             f"unused-token bias -{a.unused_bias:g} (all but 1,000 tokens; 0: a flat random head), raced "
+             f"{sum(r['raced_share'] for r in rows) / len(rows):.1%} of the vocabulary.\n\n"
              "| H | head ms (floor) | before ms | before x floor | after ms | after x floor | same samples |\n|---|---|---|---|---|---|---|\n"
              + "".join(f"| {r['hidden']} | {r['head_ms']:.1f} | {r['before_ms']:.1f} | {r['before_x_floor']:.2f} | "
                        f"{r['after_ms']:.1f} | {r['after_x_floor']:.2f} | {r['same_tokens_and_logprobs']} |\n" for r in rows)

@@ -150,7 +150,7 @@ def run_variant(a: argparse.Namespace) -> dict:
             if a.entropy:
                 loss = loss + (-(logprobs.exp() * logprobs).sum(-1)).sum()
         elif a.variant.startswith("f"):
-            loss, logp = fused_token_loss(hidden, weight, targets, int(a.variant[1:]), kept_grad(kept_))
+            loss, logp, _ = fused_token_loss(hidden, weight, targets, int(a.variant[1:]), kept_grad(kept_))
         else:
             chunk = hidden.shape[0] if a.variant == "all" else int(a.variant)
             logp, ent = chunked_token_logprobs(hidden, weight, targets, chunk, with_entropy=a.entropy)
@@ -217,7 +217,7 @@ def run_interleaved(a: argparse.Namespace, variants: list[str]) -> dict:
                     loss = loss + (-(logprobs.exp() * logprobs).sum(-1)).sum()
                 del logprobs
             elif v.startswith("f"):
-                loss, _ = fused_token_loss(hidden, weight, targets, int(v[1:]), kept_grad(kept))
+                loss, _, _ = fused_token_loss(hidden, weight, targets, int(v[1:]), kept_grad(kept))
             else:
                 logp, ent = chunked_token_logprobs(hidden, weight, targets, a.seq if v == "all" else int(v), with_entropy=a.entropy)
                 loss = torch.where(kept, logp, 0.0).sum() + (ent.sum() if a.entropy else 0)

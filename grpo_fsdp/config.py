@@ -250,7 +250,8 @@ class TrainConfig:
     global_batch_size: int = 32  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     group_by_length: bool = True  # batch sequences of similar length to cut padding
-    logprob_chunk_size: int = 1024  # tokens per chunk through the LM head (memory bound)
+    logprob_chunk_size: int = 256  # tokens' worth of logits through the LM head at once ([256, V] fp32; memory bound)
+    lm_head: str = "auto"  # GRPO: fused (loss gradient in forward, 3 head matmuls) | blocked (4) | auto: fused where the loss allows
     seed: int = 0
 
 

@@ -40,7 +40,7 @@ each token's own log-prob (GRPO's token-level ratio and k3 KL are; GSPO's sequen
 caller's per-token gradient is applied in forward, chunk by chunk of tokens (Liger's fused linear
 cross-entropy), so the logits are computed once: 3 matmuls instead of 4, at the price of an fp32
 [V, H] gradient accumulator held from forward to backward. Measured in benchmarks/logprobs_memory.py
-(variants f<n>); the GRPO recipe does not use it yet.
+(variants f<n>); the GRPO recipe uses it wherever its loss is separable (train.lm_head=auto).
 """
 
 from __future__ import annotations
@@ -198,8 +198,12 @@ def chunked_token_logprobs(
     bias: torch.Tensor | None = None,
     with_entropy: bool = False,
     temperature: float = 1.0,
+    rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(targets | hidden) and, optionally, the entropy of each token's distribution.
+
+    rows: without autograd, compute by token chunks of whole rows (`row_token_logprobs`), the fused head's
+    arithmetic, instead of vocabulary blocks.
 
     hidden [N, H] (any float dtype), weight [V, H], targets [N] long -> (logp [N] fp32, entropy [N] fp32 | None).
     chunk_size: the logits held at once are those of `chunk_size` tokens over the whole vocabulary
@@ -207,6 +211,8 @@ def chunked_token_logprobs(
     `log_softmax(hidden @ weight.T).gather(targets)` to fp32 precision, values and gradients (tested).
     """
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if rows and not needs_grad:
+        return row_token_logprobs(hidden, weight, targets, chunk_size, bias, with_entropy, temperature)
     if needs_grad:
         logp, ent = _BlockedHead.apply(hidden, weight, bias, targets, chunk_size, temperature, with_entropy)
     else:
@@ -214,63 +220,123 @@ def chunked_token_logprobs(
     return logp, (ent if with_entropy else None)
 
 
+def _row_stats(z: torch.Tensor, t: torch.Tensor, ent_buf: torch.Tensor | None):
+    """One token chunk's full rows of logits z [c, V] fp32 (overwritten) -> (logp [c], entropy [c] | None,
+    e = exp(z - max) [c, V] (in z, or in ent_buf with entropy), its row sums). The one arithmetic of the fused
+    head's forward and of `row_token_logprobs`, so that pi_old's and the reference's log-probs equal the trained
+    ones bit for bit when the weights do (the k3 KL gradient is then exactly 0 at the reference, as in the blocked
+    path, instead of rounding noise that Adam would amplify)."""
+    z_t, m = z.gather(-1, t[:, None]).squeeze(-1), z.amax(dim=-1)
+    y = z.sub_(m[:, None])  # z - m
+    ent = None
+    if ent_buf is not None:  # H = log s - sum e y / s, e = exp(z - m), s = sum e
+        e = torch.exp(y, out=ent_buf)
+        total = e.sum(dim=-1)
+        ent = total.log() - y.mul_(e).sum(dim=-1) / total
+    else:
+        e = y.exp_()  # one exp per logit, in place
+        total = e.sum(dim=-1)
+    return z_t - (m + total.log()), ent, e, total  # log p(t) = z_t - logsumexp(z), as _forward_blocks rounds it
+
+
+def row_token_logprobs(hidden, weight, targets, chunk_size: int, bias=None, with_entropy: bool = False,
+                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """No-grad log-probs (and entropies) by token chunks of full vocabulary rows: the fused head's forward without
+    its gradient (the policy's no-grad passes when it trains with the fused head). -> (logp [N], entropy [N] | None)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    ent = torch.empty(N, dtype=torch.float32, device=hidden.device) if with_entropy else None
+    c = max(1, min(chunk_size, N))
+    buf = torch.empty(c * V, dtype=torch.float32, device=hidden.device)
+    buf2 = torch.empty_like(buf) if with_entropy else None
+    for lo in range(0, N, c):
+        hi = min(lo + c, N)
+        z = _logits_into(_block(buf, hi - lo, V), hidden[lo:hi], weight, bias, temperature)
+        lp, e, _, _ = _row_stats(z, targets[lo:hi], None if buf2 is None else _block(buf2, hi - lo, V))
+        logp[lo:hi] = lp
+        if with_entropy:
+            ent[lo:hi] = e
+    return logp, ent
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """Liger's pattern: the loss's gradient is known per token in forward, so each token chunk's [c, V] logits are
     computed once and turned into grad_h and grad_W on the spot (3 matmuls of N x V x H in all, as full logits;
-    the blocked head above needs 4 since its upstream gradient arrives only in backward)."""
+    the blocked head above needs 4 since its upstream gradient arrives only in backward). As there, tokens whose
+    gradient is exactly 0 skip the two gradient matmuls: 1 + 2 x (live share) matmuls against 1 + 3 x (live share)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, temperature: float, token_grad):
-        N = hidden.shape[0]
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # one fp32 [V, H] accumulator
-        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=weight.device)
-        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for lo in range(0, N, chunk_size):
-            hi = min(lo + chunk_size, N)
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, temperature: float, token_grad, with_entropy: bool):
+        N, dev = hidden.shape[0], hidden.device
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]  # a frozen head (LoRA) gets no [V, H] accumulator
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=weight.device) if need_b else None
+        logp = torch.empty(N, dtype=torch.float32, device=dev)
+        ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
+        loss = torch.zeros((), dtype=torch.float32, device=dev)
+        c = max(1, min(chunk_size, N))
+        buf = torch.empty(c * weight.shape[0], dtype=torch.float32, device=dev)
+        buf2 = torch.empty_like(buf) if with_entropy else None
+        for lo in range(0, N, c):
+            hi = min(lo + c, N)
             h, t = hidden[lo:hi], targets[lo:hi]
-            z = torch.nn.functional.linear(h, weight, bias).float()  # [c, V], the only buffer of size V
-            if temperature != 1.0:
-                z.div_(temperature)
-            z_t, m = z.gather(-1, t[:, None]).squeeze(-1), z.amax(dim=-1)
-            e = z.sub_(m[:, None]).exp_()  # exp(z - m), in place: one exp per logit
-            total = e.sum(dim=-1)
-            lp = z_t - m - total.log()  # log p(t) = z_t - logsumexp(z)
+            z = _logits_into(_block(buf, hi - lo, weight.shape[0]), h, weight, bias, temperature)  # [c, V], in place
+            lp, h_ent, e, total = _row_stats(z, t, None if buf2 is None else _block(buf2, hi - lo, weight.shape[0]))
+            if with_entropy:
+                ent[lo:hi] = h_ent
             with torch.enable_grad():  # forward runs under no_grad; token_grad may use autograd on its [c] terms
                 part, g = token_grad(lp, lo, hi)  # this chunk's loss and d loss / d logp, [c]
-            loss += part
+            loss += part.detach()
             logp[lo:hi] = lp
             g = g.float() / temperature
-            dz = e.mul_((-g / total)[:, None])  # -g p, still in the logits' buffer
-            dz[torch.arange(hi - lo, device=dz.device), t] += g
-            grad_h[lo:hi] = dz @ weight if weight.dtype == torch.float32 else dz.to(weight.dtype) @ weight  # no fp32 copy of W
-            grad_w.addmm_(dz.t(), h.float())
-            if grad_b is not None:
+            # only tokens with a nonzero gradient go on (zero-advantage groups, clipped tokens: often most of a step)
+            live = g != 0
+            if not bool(live.all()):
+                rows = live.nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                e, total, g, t, h = e[rows], total[rows], g[rows], t[rows], h[rows]
+            else:
+                rows = None
+            dz = e.mul_((-g / total)[:, None])  # -g p, in place
+            dz[torch.arange(dz.shape[0], device=dev), t] += g
+            if need_h:
+                gh = dz @ weight if weight.dtype == torch.float32 else dz.to(weight.dtype) @ weight  # no fp32 W copy
+                if rows is None:
+                    grad_h[lo:hi] = gh
+                else:
+                    grad_h[lo + rows] = gh.float()
+            if need_w:
+                grad_w.addmm_(dz.t(), h.float())
+            if need_b:
                 grad_b += dz.sum(0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
+        ctx.have = (need_h, need_w, need_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(logp)
-        return loss, logp
+        ctx.mark_non_differentiable(logp, ent)
+        return loss, logp, ent
 
     @staticmethod
-    def backward(ctx, g_loss, g_logp):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        dh, dw, db = ctx.dtypes
+    def backward(ctx, g_loss, g_logp, g_ent):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if have else None for have in ctx.have]
         # in place: a second fp32 [V, H] buffer would double the head's peak (backward runs once: retain_graph unsupported)
-        return (grad_h.mul_(g_loss).to(dh), grad_w.mul_(g_loss).to(dw), None if grad_b is None else grad_b.mul_(g_loss).to(db),
-                None, None, None, None)
+        out = [None if x is None else x.mul_(g_loss).to(dt) for x, dt in zip(grads, ctx.dtypes)]
+        return (*out, None, None, None, None, None)
 
 
 def fused_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int, token_grad,
-                     bias: torch.Tensor | None = None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     bias: torch.Tensor | None = None, temperature: float = 1.0, with_entropy: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A loss that is a sum of per-token terms of log p(target), with its head gradients computed in forward.
 
-    hidden [N, H], weight [V, H], targets [N] -> (loss scalar with grad into hidden/weight/bias, logp [N] detached).
-    token_grad(logp_chunk [c] fp32, lo, hi) -> (that chunk's loss terms summed, their gradient in logp [c]). Holds
-    one [chunk_size, V] fp32 logits buffer and an fp32 [V, H] weight-gradient accumulator from forward to
-    backward. Separable losses only (each token's term reads its own log-prob): GRPO's token-level ratio with
-    k3 KL is; GSPO's sequence ratio is not. Issue 13 item 3: measured in benchmarks/logprobs_memory.py
-    (variant f<chunk>); not yet wired into the GRPO recipe.
+    hidden [N, H], weight [V, H], targets [N] -> (loss scalar with grad into hidden/weight/bias, logp [N] detached,
+    entropy [N] detached | None). token_grad(logp_chunk [c] fp32, lo, hi) -> (that chunk's loss terms summed, their
+    gradient in logp [c]). Holds one [chunk_size, V] fp32 logits buffer (two with entropy) and, when the head
+    trains, an fp32 [V, H] weight-gradient accumulator from forward to backward. Separable losses only (each
+    token's term reads its own log-prob): GRPO's token-level ratio with k3 KL is; GSPO's sequence ratio and the
+    entropy mask are not (`algorithms/grpo.py: fused_head_problem`). Used by the GRPO recipe (train.lm_head).
     """
-    return _FusedHeadLoss.apply(hidden, weight, bias, targets, chunk_size, temperature, token_grad)
+    loss, logp, ent = _FusedHeadLoss.apply(hidden, weight, bias, targets, chunk_size, temperature, token_grad, with_entropy)
+    return loss, logp, (ent if with_entropy else None)

@@ -21,7 +21,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from grpo_fsdp.attention import PREFIX
 from grpo_fsdp.grpo_attention import choose
-from grpo_fsdp.logprobs import chunked_token_logprobs
+from grpo_fsdp.logprobs import chunked_token_logprobs, fused_token_loss
 from grpo_fsdp.shared_prefix import SharedPrefix, mask_placeholder
 from grpo_fsdp.varlen import varlen_layout
 
@@ -40,6 +40,9 @@ class Policy(nn.Module):
         self.lm_head = hf_model.lm_head
         self.config: PretrainedConfig = hf_model.config
         self.chunk_size = chunk_size
+        # the GRPO recipe trains this policy through the fused head (train.lm_head): its no-grad passes (pi_old, the
+        # reference) then use the same arithmetic, so their log-probs equal the trained ones bit for bit
+        self.fused_head = False
         self._hf_class = type(hf_model)
 
     @property
@@ -59,10 +62,14 @@ class Policy(nn.Module):
         with_entropy: bool = False,
         temperature: float = 1.0,  # GRPO scores tokens under the sampler's logits / T
         shared_prefix: SharedPrefix | None = None,  # instead of input_ids/attention_mask: completions sharing prompts
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        token_loss=None,  # token_grad(logp [k], lo, hi) of a loss separable per token: the fused head (below)
+    ) -> tuple[torch.Tensor, ...]:
         """Log-probs (and entropies) of the target tokens -> (dense, dense | None) shaped like target_mask, 0 off-target.
 
-        Only the masked positions go through the LM head, so prompt and padding cost nothing there.
+        Only the masked positions go through the LM head, so prompt and padding cost nothing there. With
+        `token_loss` (algorithms/token_loss.py: tokens lo:hi in target_mask.nonzero() order) the head is
+        `logprobs.fused_token_loss`, whose loss's gradient is applied in forward: -> (dense logp, dense entropy |
+        None, loss), the log-probs and entropies detached, the loss carrying the gradient.
         """
         if shared_prefix is not None:
             if not self.shared_prefix_ok:
@@ -85,8 +92,13 @@ class Policy(nn.Module):
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             sel = target_mask.nonzero(as_tuple=True)  # (rows, cols) of predicted positions
             hidden, targets = hidden[:, :-1][sel], input_ids[:, 1:][sel]  # [M, H], [M]
-        logp, ent = chunked_token_logprobs(hidden, self.lm_head.weight, targets, self.chunk_size,
-                                           getattr(self.lm_head, "bias", None), with_entropy, temperature)
+        bias = getattr(self.lm_head, "bias", None)
+        if token_loss is not None:
+            loss, logp, ent = fused_token_loss(hidden, self.lm_head.weight, targets, self.chunk_size, token_loss, bias,
+                                               temperature, with_entropy)
+        else:
+            logp, ent = chunked_token_logprobs(hidden, self.lm_head.weight, targets, self.chunk_size, bias, with_entropy,
+                                               temperature, rows=self.fused_head)
         dense = hidden.new_zeros(target_mask.shape, dtype=torch.float32).index_put(sel, logp)
         dense_ent = None if ent is None else hidden.new_zeros(target_mask.shape, dtype=torch.float32).index_put(sel, ent)
-        return dense, dense_ent
+        return (dense, dense_ent) if token_loss is None else (dense, dense_ent, loss)

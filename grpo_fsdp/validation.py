@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from grpo_fsdp.algorithms.separable import fused_head_problem
 from grpo_fsdp.config import ALGO_SCHEMAS, Config, ConfigError, DPOConfig, GRPOConfig, OptimConfig
 from grpo_fsdp.grpo_attention import KERNELS, unavailable
 from grpo_fsdp.memory_fit import check_fits
@@ -99,6 +100,10 @@ def validate(cfg: Config, world_size: int, cuda_available: bool) -> None:
     _positive("train.micro_batch_size", train.micro_batch_size)
     _positive("train.global_batch_size", train.global_batch_size)
     _positive("train.logprob_chunk_size", train.logprob_chunk_size)
+    _choice("train.lm_head", train.lm_head, ("auto", "fused", "blocked"))
+    if train.lm_head == "fused" and not isinstance(cfg.algo, GRPOConfig):
+        raise ConfigError("train.lm_head", f"fused applies GRPO's per-token loss gradient; algo={cfg.algo.name} runs the "
+                          "blocked head", "leave train.lm_head=auto")
     _validate_eval(cfg)
     if isinstance(cfg.algo, GRPOConfig):
         _validate_grpo(cfg, world_size)
@@ -272,6 +277,11 @@ def _validate_grpo(cfg: Config, world_size: int) -> None:
         raise ConfigError("algo.entropy_threshold", f"{g.entropy_threshold} and algo.entropy_top_quantile="
                           f"{g.entropy_top_quantile} both set the entropy mask", "set one of them (the other at its "
                           "default: entropy_top_quantile=1.0 or entropy_threshold=0)")
+    masking = g.entropy_top_quantile < 1 or g.entropy_threshold > 0
+    why = fused_head_problem(g.importance_level, g.rollout_correction, g.rollout_correction_level, masking)
+    if t.lm_head == "fused" and why is not None:
+        raise ConfigError("train.lm_head", f"fused needs a loss separable per token, not with {why}",
+                          "use train.lm_head=auto (fused where the loss allows) or blocked")
 
 
 def _validate_dpo(cfg: Config) -> None:

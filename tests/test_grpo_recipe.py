@@ -87,7 +87,8 @@ def test_world_size_and_micro_batch_do_not_change_the_grpo_step(tmp_path, sft_ti
     against 2 processes with micro-batch 2 only (both changes at once), to keep the suite short."""
     common = [*SMALL, *TOY, *GRPO, *SHAPED, f"model.path={sft_tiny}", "train.max_steps=3", "algo.prompts_per_step=4",
               "algo.group_size=4", "train.global_batch_size=8", "algo.updates_per_rollout=2", "algo.beta=0.04",
-              "algo.max_new_tokens=40", "optim.lr=2e-4", "optim.warmup_steps=0", "optim.schedule=constant", *options]
+              "algo.max_new_tokens=64", "optim.lr=2e-4", "optim.warmup_steps=0", "optim.schedule=constant", *options]
+    # 64 new tokens: at 40 most completions were cut before their \boxed{} and a run could score no reward at all
     # lr: Adam moves every weight by ~lr per update whatever its gradient, so float-rounding differences
     # (a reduce-scatter sums in another order than local accumulation) grow with it over the 12 updates;
     # at 1e-3 the third step's KL differed by 1.3e-5 relative, at step 1 all keys agree to ~1e-7.

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from grpo_fsdp.logprobs import chunked_token_logprobs
@@ -121,10 +122,12 @@ def test_running_max_rescaling_across_vocabulary_blocks():
     torch.testing.assert_close(w.grad, w64.grad.float(), rtol=1e-4, atol=1e-4)
 
 
-def test_fused_token_loss_matches_autograd_through_full_logits():
+@pytest.mark.parametrize("with_entropy,frozen_head", [(False, False), (True, False), (True, True)])
+def test_fused_token_loss_matches_autograd_through_full_logits(with_entropy, frozen_head):
     """issue 13 item 3: the head's gradients computed in forward from a per-token loss gradient (a PPO-like term
     a_t exp(logp_t - old_t), non-linear in logp) equal fp64 autograd through full logits, with bias and T = 0.8;
-    the loss and log-probs match too, and an upstream gradient of 2 doubles every gradient."""
+    the loss, log-probs and entropies match too, an upstream gradient of 2 doubles every gradient, and a frozen
+    head (LoRA) gets no gradient while hidden's is unchanged."""
     from grpo_fsdp.logprobs import fused_token_loss
 
     torch.manual_seed(5)
@@ -139,15 +142,25 @@ def test_fused_token_loss_matches_autograd_through_full_logits():
         return term.detach().float(), torch.autograd.grad(term, lp)[0]
 
     hid, w, b = (x.float().detach().requires_grad_() for x in leaves)
-    loss, logp = fused_token_loss(hid, w, targets, 7, token_grad, bias=b, temperature=temp)
+    if frozen_head:
+        w.requires_grad_(False)
+        b.requires_grad_(False)
+    loss, logp, ent = fused_token_loss(hid, w, targets, 7, token_grad, bias=b, temperature=temp, with_entropy=with_entropy)
     (2 * loss).backward()
-    ref_logp, _ = _full(*leaves, targets, temp)
+    ref_logp, ref_ent = _full(*leaves, targets, temp)
     ref = (a * torch.exp(ref_logp - old)).sum()
     (2 * ref).backward()
     assert abs(loss.item() - ref.item()) < 1e-4 * max(1.0, abs(ref.item()))
     torch.testing.assert_close(logp, ref_logp.float(), rtol=0, atol=1e-5)
+    if with_entropy:
+        torch.testing.assert_close(ent, ref_ent.float(), rtol=0, atol=1e-5)
+    else:
+        assert ent is None
     for mine, r in zip((hid, w, b), leaves):
-        torch.testing.assert_close(mine.grad, r.grad.float(), rtol=1e-4, atol=1e-5)
+        if frozen_head and mine is not hid:
+            assert mine.grad is None
+        else:
+            torch.testing.assert_close(mine.grad, r.grad.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_rows_with_no_gradient_get_zero_gradients_in_their_dtype():

@@ -13,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from grpo_fsdp.rollout import Completion, GenerationStats, RolloutEngine, SamplingConfig
-from grpo_fsdp.rollout.hf import HFEngine, stop_token_ids, truncate_logits
+from grpo_fsdp.rollout.hf import HFEngine, stop_token_ids
+from grpo_fsdp.rollout.sampler import truncate_logits
 from grpo_fsdp.tokenizer import build_tiny_tokenizer
 
 TOK = build_tiny_tokenizer()

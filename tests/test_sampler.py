@@ -1,4 +1,4 @@
-"""The rollout sampler (`rollout.hf.Sampler`): exact log-probs, the right distribution, no layout dependence.
+"""The rollout sampler (`rollout.sampler.Sampler`): exact log-probs, the right distribution, no layout dependence.
 
 References are independent brute force: a full-vocabulary log_softmax gather, the softmax /
 exponential-noise race on whole [B, V] tensors (the sampler before issue 13), and a chi-square
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from grpo_fsdp.rollout import SamplingConfig
-from grpo_fsdp.rollout.hf import Sampler, truncate_logits
-from grpo_fsdp.rollout.noise import exponential_noise, stream_ids
+from grpo_fsdp.rollout.sampler import Sampler, truncate_logits
+from grpo_fsdp.rollout.noise import E_MAX, E_MIN, column_codes, exponential_noise, exponential_noise_at, row_codes, stream_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,6 +58,60 @@ def test_samples_equal_the_whole_tensor_race(temperature, top_k, top_p):
     # a row's sample depends on its stream only, not on its neighbours
     tok_sub, _ = Sampler(sampling, V, torch.device("cpu")).sample(logits[2:5], streams[2:5], step)
     assert torch.equal(tok_sub, ref[2:5])
+
+
+def _peaked(b: int, v: int, seed: int) -> torch.Tensor:
+    """Logits of a trained model's shape: a handful of tokens within ~20 nats of the top, the rest 25-60 below."""
+    g = torch.Generator().manual_seed(seed)
+    z = -25 - 35 * torch.rand(b, v, generator=g)
+    near = torch.randint(0, v, (b, 12), generator=g)
+    return z.scatter_(1, near, -20 * torch.rand(b, 12, generator=g))  # ties and near-ties among the near tokens
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,dtype", [(1.0, 0, 1.0, torch.float32), (0.8, 0, 1.0, torch.float32),
+                                                            (1.0, 0, 1.0, torch.bfloat16), (1.0, 5, 0.95, torch.float32)])
+def test_pruned_race_draws_the_dense_race_tokens(temperature, top_k, top_p, dtype):
+    """The race on the survivors only (tokens within ~20 nats of the top) picks exactly the dense race's token,
+    with the same log-prob, over many steps; and it did prune (so the test exercises the sparse path)."""
+    B, V = 13, 5000
+    streams = torch.tensor(stream_ids(7, list(range(B)), [0] * B))
+    sampling = SamplingConfig(n=1, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=1)
+    sparse = Sampler(sampling, V, torch.device("cpu"), rows_per_block=4)
+    for step in range(40):
+        logits = _peaked(B, V, seed=step).to(dtype)
+        if step % 10 == 0:  # a tie at the top: the first index wins in both
+            logits[:, 7] = logits[:, 3] = logits.amax(-1) + 1
+        tok, lp = sparse.sample(logits, streams, step)
+        ref_tok, ref_lp = Sampler(sampling, V, torch.device("cpu"), rows_per_block=4, prune=False).sample(logits, streams, step)
+        assert torch.equal(tok, ref_tok), step
+        assert torch.equal(lp, ref_lp), step
+    assert sparse.survivors < 0.01 * sparse.raced  # ~12 of 5,000 per row raced
+
+
+def test_flat_rows_fall_back_to_the_dense_race():
+    """A flat distribution (a random init) leaves nearly every token in the race: the dense path runs, same tokens."""
+    B, V = 6, 3000
+    logits = _logits(B, V, seed=4)
+    streams = torch.tensor(stream_ids(1, list(range(B)), [0] * B))
+    sampling = SamplingConfig(n=1, temperature=1.0, max_new_tokens=1)
+    smp = Sampler(sampling, V, torch.device("cpu"))
+    tok, _ = smp.sample(logits, streams, 2)
+    assert smp.survivors == smp.raced == B * V
+    assert torch.equal(tok, Sampler(sampling, V, torch.device("cpu"), prune=False).sample(logits, streams, 2)[0])
+
+
+def test_noise_at_coordinates_is_the_dense_noise_bit_for_bit_and_within_its_bounds():
+    B, V, step = 5, 4099, 3
+    streams = torch.tensor(stream_ids(11, list(range(B)), [0] * B))
+    dense = exponential_noise(streams, step, V)
+    rows, cols = torch.meshgrid(torch.arange(B), torch.arange(V), indexing="ij")
+    pick = torch.randperm(B * V, generator=torch.Generator().manual_seed(0))[:2000]
+    r, c = rows.flatten()[pick], cols.flatten()[pick]
+    at = exponential_noise_at(row_codes(streams, step)[r], column_codes(V)[c])
+    assert torch.equal(at, dense[r, c])
+    assert float(dense.min()) >= E_MIN * (1 - 1e-6) and float(dense.max()) <= E_MAX * (1 + 1e-6)
+    u = torch.tensor([1 - 2.0**-24, 2.0**-24])  # the extreme uniforms give the bounds
+    torch.testing.assert_close(-u.log(), torch.tensor([E_MIN, E_MAX]), rtol=1e-6, atol=0)
 
 
 def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:

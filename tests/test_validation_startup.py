@@ -181,3 +181,20 @@ def test_lora_and_4bit_can_still_be_planned():
     validate(cfg, cfg.hardware.nproc_per_node, cuda_available=False)
     text = dry_run(cfg, cfg.hardware.nproc_per_node)
     assert "(trainable " in text and "offloaded to CPU per rank" in text
+
+
+# --- issue 13: the fused LM head only where the loss is separable per token --------------------------------------
+
+
+def test_fused_lm_head_refusals():
+    assert refusal(["algo=grpo", "train.lm_head=fused", "algo.importance_level=sequence"]) == (
+        "train.lm_head: fused needs a loss separable per token, not with algo.importance_level=sequence (a sequence "
+        "ratio reads the whole completion); use train.lm_head=auto (fused where the loss allows) or blocked")
+    assert refusal(["algo=grpo", "train.lm_head=fused", "algo.entropy_top_quantile=0.2"]).startswith(
+        "train.lm_head: fused needs a loss separable per token, not with the entropy mask")
+    assert refusal(["algo=sft", "train.lm_head=fused"]) == (
+        "train.lm_head: fused applies GRPO's per-token loss gradient; algo=sft runs the blocked head; leave "
+        "train.lm_head=auto")
+    assert refusal(["algo=grpo", "train.lm_head=fast"]).startswith("train.lm_head: unknown value 'fast'")
+    validate(compose(["algo=grpo", "train.lm_head=auto", "algo.importance_level=sequence"]), 1, False)  # auto: blocked
+    validate(compose(["algo=grpo", "train.lm_head=fused"]), 1, False)  # the default loss is separable

@@ -27,6 +27,8 @@ from grpo_fsdp.algorithms.entropy_mask import mask_metrics, mask_sums, step_keep
 from grpo_fsdp.algorithms.grpo import count_contributions, group_advantages, grpo_loss, zero_variance_groups
 from grpo_fsdp.algorithms.rollout_correction import corrected_tokens, correction_weights, mismatch_sums
 from grpo_fsdp.algorithms.surrogates import loss_parts
+from grpo_fsdp.algorithms.separable import fused_head_problem
+from grpo_fsdp.algorithms.token_loss import TokenLoss
 from grpo_fsdp.checkpoint import Checkpointer, resume_key
 from grpo_fsdp.cli import redacted_yaml
 from grpo_fsdp.config import Config, GRPOConfig
@@ -42,6 +44,7 @@ from grpo_fsdp.lora import BaseModel, adapter_state_dict, adapters_disabled, has
 from grpo_fsdp.models import build_policy, build_reference, hf_config, load_tokenizer
 from grpo_fsdp.optim import build_optimizer
 from grpo_fsdp.plan import BatchPlan
+from grpo_fsdp.policy import Policy
 from grpo_fsdp.preemption import Preemption
 from grpo_fsdp.recipes.periodic_eval import PeriodicEval
 from grpo_fsdp.recipes.rollout_batch import gather_rollout, micro_batches, rank_share, to_device
@@ -130,7 +133,7 @@ def old_policy_pass(policy, steps, device, temperature: float, need_old: bool, n
 
 
 def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOConfig, max_grad_norm: float, device,
-                   temperature: float, ents=None) -> dict[str, float]:
+                   temperature: float, ents=None, fused: bool = False) -> dict[str, float]:
     """Forward/backward every micro-batch of one optimizer step, clip, step. Returns this rank's sums.
 
     A step that scores no token on any rank (every group dropped by filter_zero_variance, every completion
@@ -176,19 +179,29 @@ def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOCon
         keeps, keep_norm = entropy_mask(ents)
     elif masking and len(batches) > 1:
         raise ValueError("the entropy mask over several micro-batches needs pi_old's entropies (old_policy_pass)")
+    settings = dict(eps_low=g.clip_eps_low, eps_high=g.clip_eps_high, beta=g.beta, aggregation=aggregation, normalisers=norm)
     for i, b in enumerate(batches):
-        tm = b["target_mask"].to(device)
-        logp, ent = policy(**to_device(b["inputs"], device), target_mask=tm, with_entropy=True, temperature=temperature)
+        tm, adv = b["target_mask"].to(device), b["adv"].to(device)
+        ref = None if refs is None else refs[i]
+        engine = None if b.get("engine_logp") is None else b["engine_logp"].to(device)  # None: a rollout without them
+        inputs = dict(**to_device(b["inputs"], device), target_mask=tm, with_entropy=True, temperature=temperature)
+        if fused:
+            token_loss = TokenLoss(tm, adv, None if olds is None else olds[i], ref, engine, surrogate=surrogate,
+                                   correction=g.rollout_correction, correction_cap=cap, **settings)
+            logp, ent, loss = policy(**inputs, token_loss=token_loss)
+        else:
+            logp, ent = policy(**inputs)
         if masking and keeps is None:  # one micro-batch per rank: its own forward's entropies (pi_old's), no extra pass
             ents = [ent.detach()]
             keeps, keep_norm = entropy_mask(ents)
         old = logp.detach() if olds is None else olds[i]
-        engine = None if b.get("engine_logp") is None else b["engine_logp"].to(device)  # None: a rollout without them
         weights = correction_weights(g.rollout_correction, old, engine, tm, cap, g.rollout_correction_level)
-        loss, st = grpo_loss(logp, old, None if refs is None else refs[i], b["adv"].to(device), tm, eps_low=g.clip_eps_low,
-                             eps_high=g.clip_eps_high, beta=g.beta, aggregation=aggregation, normalisers=norm,
-                             importance_level=g.importance_level, surrogate=surrogate, token_weights=weights,
-                             keep=None if keeps is None else keeps[i], keep_normalisers=keep_norm)
+        with torch.set_grad_enabled(not fused):  # fused: the loss exists already; this gives its statistics
+            blocked_loss, st = grpo_loss(logp, old, ref, adv, tm, importance_level=g.importance_level, surrogate=surrogate,
+                                         token_weights=weights, keep=None if keeps is None else keeps[i],
+                                         keep_normalisers=keep_norm, **settings)
+        if not fused:
+            loss = blocked_loss
         loss.backward()
         if keeps is not None:
             for k, v in mask_sums(tm, keeps[i], ents[i]).items():
@@ -274,6 +287,14 @@ def _run(cfg: Config, td: Teardown) -> int:
     temp = g.temperature if g.temperature > 0 else 1.0  # greedy rollouts: score the plain distribution
     masking = g.entropy_top_quantile < 1 or g.entropy_threshold > 0  # the entropy mask (algorithms/entropy_mask.py)
     shared = g.shared_prefix and policy.shared_prefix_ok  # each prompt once per micro-batch (shared_prefix.py)
+    # the loss's gradient inside the LM head's forward where the loss is separable per token (algorithms/token_loss.py)
+    blocked_why = fused_head_problem(g.importance_level, g.rollout_correction, g.rollout_correction_level, masking)
+    fused = t.lm_head != "blocked" and blocked_why is None
+    if t.lm_head == "auto" and blocked_why is not None:
+        logger.print(f"note: the LM head runs blocked (4 matmuls, not the fused 3): {blocked_why}")
+    for model in (policy, reference):  # pi_old's and the reference's no-grad passes in the same arithmetic
+        if isinstance(model, Policy):
+            model.fused_head = fused
     if g.shared_prefix and not shared:
         logger.print(f"note: attention {cfg.hardware.attn_implementation!r} cannot take the shared-prefix layout; "
                      "training on padded prompt + completion rows")
@@ -315,7 +336,7 @@ def _run(cfg: Config, td: Teardown) -> int:
         with phases("train"):
             policy.train()
             done = [optimizer_step(policy, optimizer, scheduler, s, None if olds is None else olds[c], refs[c], g,
-                                   o.max_grad_norm, d.device, temp, None if ents is None else ents[c])
+                                   o.max_grad_norm, d.device, temp, None if ents is None else ents[c], fused)
                     for _ in range(g.updates_per_rollout) for c, s in enumerate(steps)]
 
         with phases("sync"):

@@ -8,7 +8,7 @@ no copy) and decodes all prompts x G together, left-padded, one token per step:
               completions of the same prompt; prefilling them G times would waste G-1 passes),
               into a cache preallocated to prompt + max_new_tokens (`kv_cache.py`: no per-step copies)
     decode    feed the last token of every live row with its own position id (left padding shifts
-              each row's positions), sample in fp32 with our own loop, record the log-prob
+              each row's positions), sample with our own sampler (`sampler.py`), record the log-prob
     finish    a row that emits a stop token is done; once a quarter of the batch is done the done
               rows are dropped from the batch and the cache (one gather of the filled positions)
 
@@ -40,7 +40,8 @@ from grpo_fsdp.attention import with_our_attention
 from grpo_fsdp.distributed import full_tensor
 from grpo_fsdp.rollout.base import Completion, GenerationStats, SamplingConfig, check_prompt_lengths
 from grpo_fsdp.rollout.kv_cache import preallocated_cache
-from grpo_fsdp.rollout.noise import column_codes, exponential_noise_, stream_ids
+from grpo_fsdp.rollout.noise import stream_ids
+from grpo_fsdp.rollout.sampler import Sampler
 
 # Wrapper segments that torch.compile / activation checkpointing insert into parameter names.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -52,99 +53,6 @@ def stop_token_ids(tokenizer, config: PretrainedConfig | None = None) -> list[in
     conf_eos = getattr(config, "eos_token_id", None) if config is not None else None
     ids += conf_eos if isinstance(conf_eos, (list, tuple)) else [conf_eos]
     return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-def truncate_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k, then top-p over what is left: dropped entries set to -inf. scaled [B, V] -> [B, V]."""
-    if 0 < top_k < scaled.shape[-1]:
-        kth = scaled.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # keep a token while the mass above it is < top_p
-        drop_sorted = mass_before >= top_p
-        drop_sorted[:, 0] = False  # the most likely token always survives
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    return scaled
-
-
-class Sampler:
-    """One token per row and its log-prob (see `base.Completion`), for one `generate` call's vocabulary.
-
-    `sample(logits [B, V] any float dtype, streams [B] int64 | None, step) -> ([B] long, [B] fp32)`.
-
-    Sampling is the exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) iid picks v with
-    probability p_v, the same distribution as `torch.multinomial` (tested by a chi-square test). The
-    noise is a pure function of (sequence, step, token) (`noise.exponential_noise`), so dropping
-    finished rows, chunking or splitting the batch over ranks does not change any sequence's samples.
-
-    The log-prob is that of the temperature-scaled, untruncated distribution, log_softmax(logits / T)
-    at the sampled token, also under top-k / top-p (what the trainer's log-probs compute; the
-    truncation only decides which tokens may be drawn). Greedy (T = 0): log_softmax(logits).
-
-    What a step costs beyond the LM head (issue 13): the vocabulary is visited `rows_per_block` rows
-    at a time, so its ~25 elementwise passes run on a cache-sized block held in four preallocated
-    buffers instead of fresh [B, V] tensors. Per block: one fp32 copy of the logits divided by T, its
-    max, exp(z - max) in place, whose sum gives the log-normaliser (no log_softmax or softmax
-    materialised), the noise written in place (`noise.exponential_noise_`), the race as a division in
-    place and an argmax. The head's [B, V] output itself is never copied (nor upcast when bf16).
-    The sampled token's log-prob is z[token] - logsumexp(z), z read again from the logits (the same
-    fp32 value the block held). p_v / E_v is computed as exp(z_v - max) / E_v: the softmax's common
-    factor 1 / sum is left out, which does not change the argmax (up to rounding ties).
-    """
-
-    def __init__(self, sampling: SamplingConfig, vocab: int, device: torch.device, rows_per_block: int | None = None):
-        self.sampling = sampling
-        self.rows = rows_per_block or max(1, (1 << 20) // vocab)  # ~1M entries: 4 MB fp32, 8 MB per int64 scratch
-        self.cols = None if sampling.greedy else column_codes(vocab, device)
-        self.rev = torch.arange(vocab, 0, -1, dtype=torch.float32, device=device)  # V - v
-        self.truncate = 0 < sampling.top_k < vocab or sampling.top_p < 1.0
-        self._buf: tuple[torch.Tensor, ...] | None = None
-
-    def _buffers(self, n: int, vocab: int, device: torch.device):
-        if self._buf is None or self._buf[0].shape[0] < n:
-            self._buf = (torch.empty(n, vocab, device=device), torch.empty(n, vocab, device=device),
-                         torch.empty(n, vocab, dtype=torch.int64, device=device),
-                         torch.empty(n, vocab, dtype=torch.int64, device=device))
-        return (b[:n] for b in self._buf)
-
-    def sample(self, logits: torch.Tensor, streams: torch.Tensor | None, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.sampling
-        if s.greedy:
-            tokens = logits.argmax(dim=-1)
-            z = logits.float()  # a copy only for a low-precision head
-            return tokens, z.gather(-1, tokens[:, None]).squeeze(-1) - z.logsumexp(dim=-1)
-        B, V = logits.shape
-        tokens = torch.empty(B, dtype=torch.long, device=logits.device)
-        lse = torch.empty(B, dtype=torch.float32, device=logits.device)
-        for lo in range(0, B, self.rows):
-            hi = min(lo + self.rows, B)
-            z, noise, x, tmp = self._buffers(hi - lo, V, logits.device)
-            z.copy_(logits[lo:hi])  # [b, V] fp32: the one copy (the block is overwritten below)
-            if s.temperature != 1.0:
-                z.div_(s.temperature)
-            if self.truncate:  # the log-normaliser of the untruncated distribution, then the cut
-                lse[lo:hi] = torch.logsumexp(z, dim=-1)
-                z.copy_(truncate_logits(z, s.top_k, s.top_p))
-            m = z.amax(dim=-1, keepdim=True)  # the top token always survives truncation: finite
-            w = z.sub_(m).exp_()  # exp(z - max): the softmax up to its row factor
-            if not self.truncate:
-                lse[lo:hi] = m.squeeze(-1) + w.sum(dim=-1).log()
-            exponential_noise_(noise, streams[lo:hi], step, self.cols, (x, tmp))
-            race = w.div_(noise)  # p_v / E_v up to the row factor
-            best = race.amax(dim=-1, keepdim=True)
-            # the first index of the max, as argmax returns it, from vectorised passes (argmax itself runs
-            # ~15x slower than amax on the CPU): max over maxima of V - v, exact in fp32 for V < 2^24
-            tokens[lo:hi] = V - race.eq_(best).mul_(self.rev).amax(dim=-1).long()
-        picked = logits.gather(-1, tokens[:, None]).squeeze(-1).float() / s.temperature  # z[token], bit for bit
-        return tokens, picked - lse
-
-
-def sample_next(logits: torch.Tensor, sampling: SamplingConfig, streams: torch.Tensor | None, step: int = 0):
-    """`Sampler(...).sample` for one step (tests, one-off use). logits [B, V] -> ([B] long, [B] fp32)."""
-    return Sampler(sampling, logits.shape[-1], logits.device).sample(logits, streams, step)
 
 
 class HFEngine:
