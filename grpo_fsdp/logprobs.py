@@ -48,10 +48,14 @@ from __future__ import annotations
 import torch
 
 _MIN_BLOCK = 16  # vocabulary columns per block at least, however many tokens
+_ONE_BLOCK_VOCAB = 4096  # a vocabulary this small is one block (<= 16 KB a token), so its rounding does not depend
+# on how many tokens a micro-batch holds (1 vs 2 ranks, micro-batch sizes give the same log-probs bit for bit)
 
 
 def _block_columns(n_tokens: int, vocab: int, chunk_size: int) -> int:
     """Columns of one [N, c] block holding as many logits as `chunk_size` tokens x the whole vocabulary."""
+    if vocab <= _ONE_BLOCK_VOCAB:
+        return vocab
     return min(vocab, max(_MIN_BLOCK, chunk_size * vocab // max(n_tokens, 1)))
 
 

@@ -46,6 +46,15 @@ def test_no_entropy_and_empty_input():
     assert empty.shape == (0,)
 
 
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 16 vocabulary columns, as small as the head allows, so these small vocabularies span many blocks
+    and the online log-sum-exp across blocks is exercised (by default a vocabulary of at most 4,096 tokens is one block)."""
+    from grpo_fsdp import logprobs
+
+    monkeypatch.setattr(logprobs, "_ONE_BLOCK_VOCAB", 0)
+
+
 def _full(hidden, weight, bias, targets, temperature):
     logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
     logp_all = logits.log_softmax(-1)
