@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from grpo_fsdp import distributed
     from grpo_fsdp.config import GRPOConfig, OptimConfig
     from grpo_fsdp.policy import Policy
-    from grpo_fsdp.recipes.grpo import old_policy_pass, optimizer_step
+    from grpo_fsdp.recipes.grpo_update import old_policy_pass, optimizer_step
     from grpo_fsdp.recipes.rollout_batch import gather_rollout, micro_batches
     from grpo_fsdp.rollout import Completion
     from grpo_fsdp.schedule import build_scheduler

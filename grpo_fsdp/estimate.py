@@ -195,9 +195,14 @@ def activation_bytes(arch: ArchConfig, c: int, tokens: int, checkpointing: bool)
     return saved + grads + head_side
 
 
+ONE_BLOCK_VOCAB = 4096  # logprobs._ONE_BLOCK_VOCAB, mirrored here to keep the plan torch-free (a test checks both)
+
+
 def logits_bytes(vocab: int, chunk_size: int, scored: int, entropy: bool) -> int:
-    """The chunked head's fp32 logits block(s): min(chunk, scored) x V, twice with the entropy (logprobs.py)."""
-    return min(chunk_size, scored) * vocab * 4 * (2 if entropy else 1)
+    """The chunked head's fp32 logits block(s): min(chunk, scored) x V, twice with the entropy (logprobs.py); a
+    vocabulary of at most ONE_BLOCK_VOCAB tokens is one [scored, V] block (at most 16 KB a token)."""
+    rows = scored if vocab <= ONE_BLOCK_VOCAB else min(chunk_size, scored)
+    return rows * vocab * 4 * (2 if entropy else 1)
 
 
 def kv_cache_bytes(cfg: Config, world_size: int) -> int:

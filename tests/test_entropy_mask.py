@@ -264,7 +264,7 @@ def test_bad_entropy_mask_settings_are_refused_at_start_up(overrides, field):
 
 @pytest.mark.usefixtures("one_thread")
 def test_optimizer_step_with_the_mask_off_is_todays_step_and_on_keeps_a_fifth():
-    """recipes/grpo.py's optimizer_step on a small policy and a hand-made rollout: given pi_old's entropies with
+    """recipes/grpo_update.py's optimizer_step on a small policy and a hand-made rollout: given pi_old's entropies with
     q = 1.0 (everything kept) its loss and gradient norm equal the step without them; with q = 0.2 a fifth of the
     scored tokens (ceil) are kept, every kept entropy >= tau > every dropped one, and the loss changes."""
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -272,7 +272,7 @@ def test_optimizer_step_with_the_mask_off_is_todays_step_and_on_keeps_a_fifth():
     from grpo_fsdp import distributed
     from grpo_fsdp.config import GRPOConfig, OptimConfig
     from grpo_fsdp.policy import Policy
-    from grpo_fsdp.recipes.grpo import old_policy_pass, optimizer_step
+    from grpo_fsdp.recipes.grpo_update import old_policy_pass, optimizer_step
     from grpo_fsdp.recipes.rollout_batch import gather_rollout, micro_batches
     from grpo_fsdp.rollout import Completion
     from grpo_fsdp.schedule import build_scheduler

@@ -131,7 +131,7 @@ def test_optimizer_step_skips_an_update_that_scores_no_token():
 
     from grpo_fsdp import distributed
     from grpo_fsdp.config import GRPOConfig, OptimConfig
-    from grpo_fsdp.recipes.grpo import optimizer_step
+    from grpo_fsdp.recipes.grpo_update import optimizer_step
     from grpo_fsdp.schedule import build_scheduler
 
     class Toy(torch.nn.Module):  # the recipe's call signature: logp[n, t] = log_softmax(w)[input_ids[n, t]]

@@ -71,6 +71,16 @@ def test_logits_and_kv_cache_by_hand():
     # chunk 256 of 4096 scored tokens x V 151,936 x 4 bytes, twice with the entropy
     assert logits_bytes(151_936, 256, 4096, entropy=True) == 256 * 151_936 * 4 * 2 == 311_164_928
     assert logits_bytes(100, 1024, 30, entropy=False) == 30 * 100 * 4  # fewer tokens than the chunk: all of them
+    # a vocabulary of at most 4,096 tokens is one block, whatever the chunk (logprobs._block_columns)
+    assert logits_bytes(4096, 256, 1000, entropy=False) == 1000 * 4096 * 4
+    assert logits_bytes(4097, 256, 1000, entropy=False) == 256 * 4097 * 4
+
+
+def test_the_plans_one_block_vocabulary_is_the_head_s():
+    from grpo_fsdp import logprobs
+    from grpo_fsdp.estimate import ONE_BLOCK_VOCAB
+
+    assert ONE_BLOCK_VOCAB == logprobs._ONE_BLOCK_VOCAB
     # k and v x 28 layers x (2 KV heads x 128) x bf16 x 8 sequences (rollout.max_batch_size) x (512 + 512) positions
     assert kv_cache_bytes(compose([PRESET]), 1) == 2 * 28 * 256 * 2 * 8 * 1024 == 234_881_024
     assert kv_cache_bytes(compose([PRESET, "rollout.max_batch_size=0"]), 1) == 4 * 234_881_024  # 4 prompts x G at once

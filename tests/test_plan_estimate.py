@@ -85,7 +85,7 @@ P, LAYER, ROOT, TOKENS = 2824, 608, 1608, 3 * 10
 # bf16, T = 30: block 30 * 304 = 9120, grads 30 * 128 = 3840, head 30 * 64 = 1920
 ACT_AC_BF16 = 2 * TOKENS * 8 * 2 + 9120 + 3840 + 1920  # 15840
 ACT_NOAC_BF16 = 2 * 9120 + 3840 + 1920  # 24000
-LOGITS_SFT = 16 * 100 * 4  # min(chunk 16, scored 30) x V x fp32, one block (no entropy)
+LOGITS_SFT = 30 * 100 * 4  # V = 100 <= 4,096 is one block of all 30 scored tokens, whatever the chunk; fp32, no entropy
 HEAD_GRAD = 100 * 8 * 2  # the LM head's unsharded bf16 gradient (full fine-tune): V x h x c
 
 
@@ -202,12 +202,12 @@ def test_every_profile_and_model_composes_and_formats(hardware, model):
 #   weights     4P/2 + 2 * (2 * LAYER + ROOT) = 5648 + 5648 = 11296
 #   gradients   4P/2 = 5648; optimizer 8P/2 = 11296
 #   activations T = 22: 2*22*8*2 + 22*304 + 22*128 + 22*64 = 704 + 6688 + 2816 + 1408 = 11616
-#   logits      min(chunk 16, 18 scored) x V 100 x 4 bytes x 2 (GRPO's training forward asks for the entropy) = 12800
+#   logits      18 scored x V 100 (one block: V <= 4,096) x 4 bytes x 2 (GRPO's training forward asks for the entropy) = 14400
 #   reference   bf16 shard c*P/N = 2*2824/2 = 2824 (before: not counted; built as a second fp32 policy, 4P/2 = 5648
 #               of weights plus its gathered copies)
 #   engine      the transformers engine's unsharded bf16 copy, c*P = 5648, and its KV cache: 2 (k, v) x 2 layers x kv 4
 #               x 2 bytes x (2 prompts / 2 ranks x G 3) rows x (4 + 6) positions = 960
-WEIGHTS, GRADS, OPTIM, ACTS, LOGITS, KV = 4 * P // 2 + 2 * (2 * LAYER + ROOT), 4 * P // 2, 8 * P // 2, 11616, 12800, 960
+WEIGHTS, GRADS, OPTIM, ACTS, LOGITS, KV = 4 * P // 2 + 2 * (2 * LAYER + ROOT), 4 * P // 2, 8 * P // 2, 11616, 14400, 960
 
 
 def grpo(*extra: str):
@@ -221,10 +221,10 @@ def test_grpo_reference_in_bf16_and_the_transformers_engine_copy():
     assert est.reference == 2 * P // 2 == 2824
     assert est.engine == 2 * P + KV == 6608
     # training: the engine sleeps in host memory (cuda, rollout.sleep_level=1)
-    assert est.training == 11296 + 5648 + 11296 + 11616 + 12800 + 1600 + 2824 == 57080
+    assert est.training == 11296 + 5648 + 11296 + 11616 + 14400 + 1600 + 2824 == 58680
     # generation: fp32 master shard 4P/2 + optimizer 8P/2 + reference + engine; gradients and activations are gone
     assert est.generation == 5648 + 11296 + 2824 + 6608 == 26376
-    assert est.total == max(57080, 26376) + CUDA_CONTEXT_BYTES
+    assert est.total == max(58680, 26376) + CUDA_CONTEXT_BYTES
     table = format_table(est, 80)
     labels = [line.split("  ")[0].strip() for line in table.splitlines()[2:]]
     assert labels[:14] == ["parameters", "world size", "weights", "gradients", "optimizer", "activations",
@@ -249,7 +249,7 @@ def test_a_reference_copy_only_where_one_is_built():
 def test_grpo_without_kl_has_no_reference_and_sft_has_neither():
     est = estimate_memory(grpo("algo.beta=0", "rollout.engine=hf"), world_size=2)
     assert est.reference == 0 and est.engine == 6608
-    assert est.training == 57080 - 2824 and est.generation == 5648 + 11296 + 6608
+    assert est.training == 58680 - 2824 and est.generation == 5648 + 11296 + 6608
     sft = estimate_memory(small(), world_size=2)
     assert (sft.reference, sft.engine, sft.generation, sft.kv_cache) == (0, 0, 0, 0)
     assert sft.total - CUDA_CONTEXT_BYTES == sft.training == WEIGHTS + GRADS + OPTIM + ACT_AC_BF16 + LOGITS_SFT + HEAD_GRAD
@@ -262,7 +262,7 @@ def test_grpo_vllm_share_can_be_the_peak():
     share = round(0.3 * 80 * GIB)
     assert est.engine == share == 25_769_803_776
     assert est.generation == 5648 + 11296 + 2824 + share
-    assert est.total - CUDA_CONTEXT_BYTES == est.generation > est.training == 57080
+    assert est.total - CUDA_CONTEXT_BYTES == est.generation > est.training == 58680
     # rollout.engine=auto (the default) resolves at start-up: the larger of vLLM's share and the transformers copy
     auto = estimate_memory(grpo("algo.beta=0.04"), world_size=2)
     assert auto.engine == max(share, 2 * P + KV) == share and auto.total == est.total

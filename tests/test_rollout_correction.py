@@ -111,7 +111,7 @@ def test_a_perturbed_engine_raises_the_mismatch_and_mis_masks_exactly_its_tokens
     from grpo_fsdp.attention import with_our_attention
     from grpo_fsdp.config import GRPOConfig, OptimConfig
     from grpo_fsdp.policy import Policy
-    from grpo_fsdp.recipes.grpo import optimizer_step, score_logprobs
+    from grpo_fsdp.recipes.grpo_update import optimizer_step, score_logprobs
     from grpo_fsdp.recipes.rollout_batch import gather_rollout, micro_batches
     from grpo_fsdp.rollout import Completion, SamplingConfig
     from grpo_fsdp.rollout.hf import HFEngine

@@ -37,7 +37,7 @@ Where this departs from the papers (and from common implementations):
     masking a row must not change either denominator; the masked row contributes 0 to the sum.
     "dapo"/"bnpo" divide by scored tokens, so there a masked row is simply absent. (TRL's "grpo"
     and "dr_grpo" losses also count masked rows: they use the batch's row count.) A step with no
-    scored token at all is not an update: the recipe skips it (`recipes/grpo.py`, `optimizer_step`).
+    scored token at all is not an update: the recipe skips it (`recipes/grpo_update.py`, `optimizer_step`).
   * The KL penalty is added per token before aggregation (DeepSeekMath eq. 3), not to the reward.
 """
 
