@@ -39,8 +39,8 @@ def before_sample(logits, sampling, streams, step):
     """The pre-issue-13 sampler, verbatim in substance: whole-tensor noise, softmax, race, logsumexp."""
     import torch
 
-    from grpo_fsdp.rollout.sampler import truncate_logits
     from grpo_fsdp.rollout.noise import exponential_noise
+    from grpo_fsdp.rollout.sampler import truncate_logits
 
     logits = logits.float()
     noise = exponential_noise(streams, step, logits.shape[-1])
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     import torch
 
     from grpo_fsdp.rollout import SamplingConfig
-    from grpo_fsdp.rollout.sampler import Sampler
     from grpo_fsdp.rollout.noise import stream_ids
+    from grpo_fsdp.rollout.sampler import Sampler
 
     sampling = SamplingConfig(n=1, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, max_new_tokens=1)
     streams = torch.tensor(stream_ids(0, list(range(a.batch)), [0] * a.batch))

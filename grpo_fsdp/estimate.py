@@ -39,10 +39,11 @@ Model of FSDP2 memory (Zhao et al. 2023, "PyTorch FSDP"; Rajbhandari et al. 2020
   length; vLLM reserves `hardware.vllm_memory_share` of the device (weights + KV cache). While the
   trainer works the engine sleeps (level 1 parks the weights in host memory, 2 drops them; on a CPU
   device level 1 keeps them in place), so a GRPO step has two peaks: training and generation.
-  Under LoRA the transformers engine has no copy (`rollout/shared.py`): it generates with the policy's own
-  modules, which FSDP2 gathers whole for the rollout (every block and the root in the compute dtype, NF4 weights
-  packed; the NF4 weights FSDP2 leaves alone on one rank are resident anyway) and frees after; a policy that
-  FSDP2 does not wrap (one fp32 process, `fsdp_wraps`) gathers nothing. Nothing of it stays while training.
+  Under LoRA, and for a full fine-tune that FSDP2 does not wrap (one fp32 process, `fsdp_wraps`), the transformers
+  engine has no copy (`rollout/shared.py`): it generates with the policy's own modules, which FSDP2 gathers whole
+  for a LoRA rollout (every block and the root in the compute dtype, NF4 weights packed; the NF4 weights FSDP2
+  leaves alone on one rank are resident anyway) and frees after; an unwrapped policy gathers nothing. Nothing of
+  it stays while training.
 - On a CPU device the host is the device: rank 0 also holds the full fp32 state dict it builds or
   reads while the shards fill (`loading`), which can be the peak of a LoRA run. The NF4 targets' fp32 entries
   leave the dict before the shards fill, but the pages stay with the process (measured), so the whole dict counts.
@@ -338,8 +339,10 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
             cpu, reference = cpu + reference, 0
     if isinstance(cfg.algo, GRPOConfig):
         kv = kv_cache_bytes(cfg, n)
-        # LoRA: the transformers engine runs the policy's modules, gathered whole by FSDP2 while it generates
-        shared = (pb.num_layers * layer_bytes + root_bytes if wrapped else 0) if hw.lora.enabled else None
+        # LoRA, or a policy FSDP2 does not wrap: the transformers engine runs the policy's own modules (gathered whole
+        # by FSDP2 while it generates, if wrapped; rollout/factory.py engine_from_config decides alike)
+        shares = hw.lora.enabled or not wrapped
+        shared = (pb.num_layers * layer_bytes + root_bytes if wrapped else 0) if shares else None
         engine, asleep, note = _engine_bytes(cfg, c * p, kv, shared)
         notes.append(note)
         if hw.device != "cuda" and (cfg.rollout.sleep_level == 1 or cfg.rollout.engine == "vllm"):
@@ -391,8 +394,8 @@ def fsdp_wraps(hw, world_size: int) -> bool:
 def _engine_bytes(cfg: Config, weights: float, kv: int, shared: float | None = None) -> tuple[float, float, str]:
     """Device bytes of the GRPO rollout engine while it generates, what of it a CPU engine keeps while the
     trainer works (sleep level 1 does nothing there; the transformers engine's KV cache lives one call), and
-    a note that says what was counted. `weights` is one unsharded copy in the compute dtype; `shared` (LoRA) what
-    FSDP2 gathers of the policy for a transformers engine that runs the policy's own modules (no copy).
+    a note that says what was counted. `weights` is one unsharded copy in the compute dtype; `shared` (None: the
+    engine has a copy) what FSDP2 gathers of the policy for a transformers engine that runs its modules (no copy).
     rollout.engine=auto resolves only at start-up (vLLM where it imports, as in docker/, else transformers),
     so it counts the larger of the two.
     """
@@ -412,7 +415,7 @@ def _engine_bytes(cfg: Config, weights: float, kv: int, shared: float | None = N
         hf, hf_kept = shared + kv, 0
         gathered = (f"FSDP2 gathers them for the rollout ({gib(shared)}) and frees them after" if shared else
                     "the one-process policy is not sharded, nothing to gather")
-        hf_note = (f"the transformers engine generates with the trainer's LoRA modules, no copy of its own: {gathered}; "
+        hf_note = (f"the transformers engine generates with the trainer's own modules, no copy of its own: {gathered}; "
                    f"KV cache {gib(kv)}")
     if kind == "hf":
         return hf, hf_kept, f"rollout engine: {hf_note}"

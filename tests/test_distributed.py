@@ -22,14 +22,15 @@ def _close(a, b, rel=1e-5):
 
 
 def test_world_size_and_micro_batch_do_not_change_the_step(tmp_path):
+    # 2 ranks at micro-batch 1 against 1 process at 4: both changes in one run (each 2-rank run costs ~40 s here;
+    # 2 ranks at micro-batch 4 also starts from the 1-process checkpoint below)
     single = _run(tmp_path, "np1_mb4", 1, 4, "checkpoint.every_steps=2", "checkpoint.keep_last=2")
-    double = _run(tmp_path, "np2_mb4", 2, 4)
     double_small = _run(tmp_path, "np2_mb1", 2, 1)
-    assert len(single) == len(double) == len(double_small) == STEPS
-    for a, b, c in zip(single, double, double_small):
-        assert a["train/target_tokens"] == b["train/target_tokens"] == c["train/target_tokens"]
+    assert len(single) == len(double_small) == STEPS
+    for a, c in zip(single, double_small):
+        assert a["train/target_tokens"] == c["train/target_tokens"]
         for key in ("train/loss", "train/grad_norm"):
-            assert _close(a[key], b[key]) and _close(a[key], c[key]), (key, a[key], b[key], c[key])
+            assert _close(a[key], c[key]), (key, a[key], c[key])
     # the runs learned something (identical but frozen runs would also agree)
     assert single[-1]["train/loss"] < single[0]["train/loss"] - 0.3
     # one process (plain parameters, parallelize.shards) writes the checkpoint that 2 FSDP2 ranks resume from

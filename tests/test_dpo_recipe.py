@@ -115,12 +115,13 @@ def test_world_size_and_micro_batch_do_not_change_the_dpo_step(tmp_path):
     # np2_tok: each rank's 4 pairs packed into micro-batches of <= 285 tokens (pairs of 111-157 tokens): at step 1
     # rank 0 runs 4 micro-batches (145, 144, 144, 143 tokens) and rank 1 two (143 + 142, 142 + 142) and two fillers
     # (recipes/dpo.py, rank_micro_batches)
-    for name, nproc, extra in (("np1_mb4", 1, []), ("np2_mb4", 2, []), ("np2_mb1", 2, ["train.micro_batch_size=1"]),
+    # 2 ranks change the world size and the micro-batch at once (np2_mb4 alone added ~40 s and nothing np2_mb1 misses)
+    for name, nproc, extra in (("np1_mb4", 1, []), ("np2_mb1", 2, ["train.micro_batch_size=1"]),
                                ("np2_tok", 2, ["algo.micro_batch_tokens=285"])):
         run_train([*DPO, f"run_dir={tmp_path / name}", *extra], nproc=nproc)
         runs[name] = read_metrics(tmp_path / name)
     single = runs["np1_mb4"]
-    for other in ("np2_mb4", "np2_mb1", "np2_tok"):
+    for other in ("np2_mb1", "np2_tok"):
         for x, y in zip(single, runs[other], strict=True):
             for key in ("train/loss", "train/grad_norm", "train/logps_rejected"):  # the 1e-5 relative
                 assert _close(x[key], y[key]), (other, x["step"], key, x[key], y[key])

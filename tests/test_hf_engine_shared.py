@@ -24,7 +24,7 @@ from grpo_fsdp.parallelize import is_sharded, shards
 from grpo_fsdp.quant import full_weight, is_nf4
 from grpo_fsdp.recipes.grpo import sync_weights
 from grpo_fsdp.rollout.base import SamplingConfig
-from grpo_fsdp.rollout.factory import make_engine
+from grpo_fsdp.rollout.factory import engine_from_config, make_engine
 from grpo_fsdp.rollout.hf import HFEngine, stop_token_ids
 from grpo_fsdp.rollout.shared import SharedHFEngine
 
@@ -132,6 +132,32 @@ def test_shared_engine_samples_as_the_merged_copy_and_leaves_the_policy_as_it_wa
         distributed.shutdown()
 
 
+@pytest.mark.parametrize("offload", [False, True], ids=["one-fp32-process", "fsdp-offload"])
+def test_a_full_fine_tune_shares_the_policy_unless_fsdp_wraps_it(tmp_path, offload):
+    """Issue 13: one fp32 process's engine copy held the policy's very numbers. Unwrapped, the run's engine is the
+    policy itself and samples what the copy engine samples; wrapped by FSDP2 (CPU offload), the copy engine stays."""
+    cfg = compose([*SMALL, "algo=grpo", f"hardware.cpu_offload={str(offload).lower()}"])
+    d = distributed.init("cpu")
+    try:
+        tok = load_tokenizer(cfg.model)
+        policy, conf = build_policy(cfg.model, cfg.hardware, tok, d, 0, 64)
+        engine = engine_from_config(cfg, conf, tok, d.device, 0, str(tmp_path), policy=policy)
+        assert is_sharded(policy) == offload and isinstance(engine, SharedHFEngine) != offload
+        copy = HFEngine(conf, stop_token_ids(tok, conf), tok.pad_token_id)
+        sync_weights(policy, copy, PROBES, 1e-4, d.device, first=True)
+        if offload:
+            return
+        assert sum(p.numel() for p in engine.model.parameters()) == 0  # owns nothing
+        sampling = SamplingConfig(n=3, temperature=1.0, max_new_tokens=16, seed=5)
+        got, want = engine.generate(PROMPTS, sampling), copy.generate(PROMPTS, sampling)
+        assert [c.token_ids for c in got] == [c.token_ids for c in want]
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+        assert sync_weights(policy, engine, PROBES, 1e-4, d.device) is None  # nothing to send after the first sync
+    finally:
+        distributed.shutdown()
+
+
 # ---------------------------------------------------------------- the memory plan: no engine copy under LoRA
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("offload", [False, True])
@@ -152,7 +178,7 @@ def test_plan_counts_the_gathered_policy_not_a_copy():
     assert gathered == 6096 and est.engine == gathered + KV == 7056 and est.kv_cache == KV
     sharded, optimizer = (2 * LAYER * 2 + ROOT * 2) / 2 + 4 * 224 / 2, 8 * 224 / 2
     assert est.generation == sharded + optimizer + gathered + KV == 3272 + 896 + 7056
-    assert any("generates with the trainer's LoRA modules, no copy of its own" in n for n in est.notes)
+    assert any("generates with the trainer's own modules, no copy of its own" in n for n in est.notes)
 
     # one fp32 CPU process: FSDP2 does not wrap the policy, nothing is gathered (for training either), the engine is
     # its KV cache alone (4 bytes: 2 x 2 layers x kv 4 x 4 x 6 rows x 10 positions = 3840), nothing kept while training
@@ -168,5 +194,16 @@ def test_plan_counts_the_gathered_policy_not_a_copy():
     # CPU offload keeps FSDP2 on one process: the engine gathers every block and the root in fp32 for the rollout
     wrapped = cpu("hardware.cpu_offload=true")
     assert wrapped.engine == 2 * (LAYER * 4 + 112 * 4) + ROOT * 4 + 3840
-    # full fine-tune: the transformers engine still holds its own copy, c*P
+    # a sharded full fine-tune: the transformers engine still holds its own copy, c*P
     assert estimate_memory(grpo("rollout.engine=hf"), world_size=2).engine == 2 * P + KV
+    # a full fine-tune FSDP2 does not wrap (one fp32 process) shares too: the engine is its KV cache, as under LoRA,
+    # and nothing of it stays while training; with CPU offload FSDP2 wraps it, and the fp32 copy is back (4 P)
+    full = estimate_memory(compose(["hardware=cpu", *PLAN_SMALL, "algo=grpo", "algo.prompts_per_step=2",
+                                    "algo.group_size=3", "algo.max_new_tokens=6", "rollout.engine=hf"]), world_size=1)
+    assert full.engine == full.kv_cache == 3840 and full.weights == 4 * P
+    assert full.training == full.weights + full.optimizer + full.gradients + full.activations + full.logits + full.transient
+    assert any("generates with the trainer's own modules" in n and "nothing to gather" in n for n in full.notes)
+    offloaded = estimate_memory(compose(["hardware=cpu", *PLAN_SMALL, "algo=grpo", "algo.prompts_per_step=2",
+                                         "algo.group_size=3", "algo.max_new_tokens=6", "rollout.engine=hf",
+                                         "hardware.cpu_offload=true"]), world_size=1)
+    assert offloaded.engine == 4 * P + 3840

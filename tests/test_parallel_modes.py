@@ -145,14 +145,16 @@ def _grpo(sft_tiny, run_dir, *extra, steps: int = 2) -> list[str]:
 
 @pytest.mark.distributed
 def test_zero2_and_cpu_offload_match_full_shard_on_two_ranks(tmp_path, sft_tiny):
+    """ZeRO-2-like (no reshard after forward) and CPU offload together in one run against full shard (each 2-rank
+    run costs ~40 s on 2 cores; either mode computing anything else shows in the combined run)."""
     runs = {}
-    for name, flag in (("full_shard", []), ("zero2", ["hardware.reshard_after_forward=false"]),
-                       ("offload", ["hardware.cpu_offload=true"])):
+    for name, flag in (("full_shard", []), ("zero2_offload", ["hardware.reshard_after_forward=false",
+                                                              "hardware.cpu_offload=true"])):
         run_train(_grpo(sft_tiny, tmp_path / name, "checkpoint.export_hf=true", *flag), nproc=2)
         runs[name] = read_metrics(tmp_path / name)
     base = runs["full_shard"]
     assert base[0]["train/grad_norm"] > 0 and base[0]["reward/std"] > 0  # the comparison is not vacuous
-    for name in ("zero2", "offload"):
+    for name in ("zero2_offload",):
         for b, r in zip(base, runs[name], strict=True):
             for key in COMPARED:
                 assert _close(r[key], b[key], 1e-6), (name, r["step"], key, r[key], b[key])

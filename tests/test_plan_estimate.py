@@ -277,18 +277,26 @@ def test_grpo_reference_goes_to_the_host_with_cpu_offload():
 
 
 def test_cpu_engine_stays_in_memory_while_training_unless_level_2():
-    # hardware=cpu: fp32 (c = 4), one process, no checkpointing; HFEngine.sleep(1) does nothing on a CPU device, and
-    # the KV cache (4 bytes, 1 rank: 2 x 2 x 4 x 4 x 6 rows x 10 = 3840) lives only during generate
-    def cpu(*extra):
+    # hardware=cpu: fp32 (c = 4), no checkpointing; HFEngine.sleep(1) does nothing on a CPU device, and the KV cache
+    # (4 bytes: 2 x 2 layers x kv 4 x 4 x rows x 10 positions) lives only during generate
+    def cpu(world, *extra):
         return estimate_memory(compose(["hardware=cpu", *SMALL, "algo=grpo", "algo.prompts_per_step=2", "algo.group_size=3",
-                                        "algo.max_new_tokens=6", "rollout.engine=hf", *extra]), world_size=1)
+                                        "algo.max_new_tokens=6", "rollout.engine=hf", *extra]), world_size=world)
 
-    awake, level2 = cpu(), cpu("rollout.sleep_level=2")
-    plain = awake.weights + awake.gradients + awake.optimizer + awake.activations + awake.logits + awake.transient
-    assert awake.engine == level2.engine == 4 * P + 3840 and awake.kv_cache == 3840
-    assert awake.training == plain + 4 * P and level2.training == plain
-    assert awake.generation == level2.generation == 4 * P + 8 * P + 4 * P + 3840  # master + optimizer + engine
+    def plain(e):
+        return e.weights + e.gradients + e.optimizer + e.activations + e.logits + e.transient
+
+    # two ranks: FSDP2 shards the policy and the engine holds its own fp32 copy (4 P) beside a KV cache of 3 rows
+    awake, level2 = cpu(2), cpu(2, "rollout.sleep_level=2")
+    assert awake.engine == level2.engine == 4 * P + 1920 and awake.kv_cache == 1920
+    assert awake.training == plain(awake) + 4 * P and level2.training == plain(level2)
+    assert awake.generation == level2.generation == 4 * P // 2 + 8 * P // 2 + 4 * P + 1920  # shard + optimizer + engine
+    # one process: FSDP2 does not wrap the policy and the engine generates with it (rollout/shared.py): no copy, so
+    # nothing to keep while training at either level; the engine is its KV cache of 6 rows
+    one, one2 = cpu(1), cpu(1, "rollout.sleep_level=2")
+    assert one.engine == one.kv_cache == 3840 and one.training == plain(one) == one2.training
+    assert one.generation == 4 * P + 8 * P + 3840  # master + optimizer + KV cache
     # loading: rank 0's full fp32 model beside the fp32 shards it fills; no CUDA context on a CPU device, the
     # process's own runtime instead
-    assert awake.loading == 4 * P + 4 * P and awake.cuda_context == 0 and awake.host_runtime == HOST_RUNTIME_BYTES
-    assert awake.total == max(awake.training, awake.generation, awake.loading) + HOST_RUNTIME_BYTES
+    assert one.loading == 4 * P + 4 * P and one.cuda_context == 0 and one.host_runtime == HOST_RUNTIME_BYTES
+    assert one.total == max(one.training, one.generation, one.loading) + HOST_RUNTIME_BYTES

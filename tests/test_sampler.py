@@ -11,8 +11,16 @@ import pytest
 import torch
 
 from grpo_fsdp.rollout import SamplingConfig
+from grpo_fsdp.rollout.noise import (
+    E_MAX,
+    E_MIN,
+    column_codes,
+    exponential_noise,
+    exponential_noise_at,
+    row_codes,
+    stream_ids,
+)
 from grpo_fsdp.rollout.sampler import Sampler, truncate_logits
-from grpo_fsdp.rollout.noise import E_MAX, E_MIN, column_codes, exponential_noise, exponential_noise_at, row_codes, stream_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -48,7 +48,7 @@ def test_fused_head_loss_and_gradients_equal_the_blocked_head(aggregation, surro
     norm = {k: float(v) * 3 for k, v in count_contributions(mask).items()}  # this micro-batch is a third of the step
     norm["max_completion_length"] = T
     sel = mask.nonzero(as_tuple=True)
-    settings = dict(eps_low=0.2, eps_high=0.28, beta=beta, aggregation=aggregation, normalisers=norm)
+    settings = {"eps_low": 0.2, "eps_high": 0.28, "beta": beta, "aggregation": aggregation, "normalisers": norm}
     temp = 0.9
 
     h, w = _leaves(hidden, weight)  # blocked head, dense log-probs, grpo_loss with autograd
@@ -94,7 +94,7 @@ def test_no_grad_row_pass_equals_the_fused_forward_bit_for_bit():
     """pi_old's and the reference's log-probs (no grad, `rows=True`) equal the fused head's own bit for bit: at the
     reference the k3 KL gradient is then exactly 0, not rounding noise that Adam amplifies (seen as a 1e-3 gap in
     the gradient norm between micro-batch sizes before); the vocabulary-blocked pass does not round the same."""
-    mask, hidden, weight, targets, adv, old, ref, engine = _case(5)
+    mask, hidden, weight, targets, adv, *_ = _case(5)
     sel = mask.nonzero(as_tuple=True)
     h, w = _leaves(hidden, weight)
     token_loss = TokenLoss(mask, adv, None, None, None, surrogate="clip", correction="none", correction_cap=2.0,

@@ -87,7 +87,8 @@ def optimizer_step(policy, optimizer, scheduler, batches, olds, refs, g: GRPOCon
         keeps, keep_norm = entropy_mask(ents)
     elif masking and len(batches) > 1:
         raise ValueError("the entropy mask over several micro-batches needs pi_old's entropies (old_policy_pass)")
-    settings = dict(eps_low=g.clip_eps_low, eps_high=g.clip_eps_high, beta=g.beta, aggregation=aggregation, normalisers=norm)
+    settings = {"eps_low": g.clip_eps_low, "eps_high": g.clip_eps_high, "beta": g.beta, "aggregation": aggregation,
+                "normalisers": norm}
     for i, b in enumerate(batches):
         tm, adv = b["target_mask"].to(device), b["adv"].to(device)
         ref = None if refs is None else refs[i]

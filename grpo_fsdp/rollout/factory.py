@@ -124,7 +124,7 @@ def make_engine(
         if policy is not None:
             from grpo_fsdp.rollout.shared import SharedHFEngine
 
-            log("rollout engine: transformers, on the trainer's own modules (LoRA: no weight copy, no sync)")
+            log("rollout engine: transformers, on the trainer's own modules (no weight copy, no sync)")
             return SharedHFEngine(policy, stops, tokenizer.pad_token_id, device, max_batch_size=max_batch_size)
         return HFEngine(hf_conf, stops, tokenizer.pad_token_id, device, dtype, max_batch_size=max_batch_size)
     from grpo_fsdp.rollout.vllm import VLLMEngine
@@ -144,12 +144,14 @@ def engine_from_config(cfg, hf_conf, tokenizer, device: torch.device, rank: int,
 
     vLLM starts from config + tokenizer written to `<run_dir>/engine/rank<r>` with dummy weights
     (nothing is exported or read twice); the trainer's first `load_weights` brings every weight. With LoRA, vLLM
-    serves the adapters (ranks up to 512; above that it gets merged weights, said once), and the transformers
-    engine generates with the trainer's `policy` itself, adapters included (`shared.py`: no copy, no sync); a full
-    fine-tune keeps the transformers engine's own `param_dtype` copy (shared.py says why).
+    serves the adapters (ranks up to 512; above that it gets merged weights, said once). The transformers engine
+    generates with the trainer's `policy` itself (`shared.py`: no copy, no sync) under LoRA, and for a full
+    fine-tune that FSDP2 does not wrap (one fp32 process, `parallelize.shards`), whose copy would hold the very
+    same fp32 numbers; a sharded full fine-tune keeps the engine's own `param_dtype` copy (shared.py says why).
     """
     from grpo_fsdp.lora import has_lora
     from grpo_fsdp.models import DTYPES
+    from grpo_fsdp.parallelize import is_sharded
     from grpo_fsdp.rollout.vllm import lora_slot_rank
 
     r, hw = cfg.rollout, cfg.hardware
@@ -174,7 +176,7 @@ def engine_from_config(cfg, hf_conf, tokenizer, device: torch.device, rank: int,
                        kv_cache_memory_bytes=int(hw.vllm_kv_cache_gib * 2**30) or None, max_model_len=max_model_len,
                        seed=cfg.train.seed, sync_bucket_mb=r.sync_bucket_mb, load_format="dummy",
                        max_batch_size=r.max_batch_size or None, lora_rank=lora_rank,
-                       policy=policy if policy is not None and has_lora(policy) else None)
+                       policy=policy if policy is not None and (has_lora(policy) or not is_sharded(policy)) else None)
 
 
 def probe_tolerance(cfg) -> float:

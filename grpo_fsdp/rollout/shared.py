@@ -1,4 +1,4 @@
-"""The transformers engine on the trainer's own modules (issue 14 item 4): under LoRA, no copy of the weights.
+"""The transformers engine on the trainer's own modules (issue 14 item 4; issue 13): no copy of the weights.
 
 `SharedHFEngine` decodes exactly as `hf.HFEngine` (one prefill per prompt, the preallocated KV cache, the
 counter-based sampler) but calls the policy itself: its LoRA layers as they are (the NF4 base dequantized per
@@ -25,9 +25,12 @@ Two details lean on FSDP2's internals (torch 2.13), each commented where used: t
 the first generate (the decode calls the decoder blocks without the root's own forward, and FSDP2 takes the first
 module to run forward as its root), and the reshard-after-forward flag of each FSDP module is read to restore it.
 
-Only LoRA policies share (`factory.engine_from_config`): a full fine-tune keeps its copy engine, whose
-`param_dtype` copy is a deliberate stand-in for vLLM's precision and whose weights the probe checks after each
-update; sharing there would also make a one-process fp32-master run generate in fp32.
+Who shares (`factory.engine_from_config`): LoRA policies, and full fine-tunes that FSDP2 does not wrap (one fp32
+process, `parallelize.shards`), whose copy would hold the same fp32 numbers as the policy: a model's size of memory
+and a copy of every weight per step for nothing (81 MB at Qwen2.5's vocabulary on the tiny model, issue 13; 2 GB for
+a 0.5B model). A sharded full fine-tune keeps its copy engine, whose `param_dtype` copy is a deliberate stand-in for
+vLLM's precision and whose weights the probe checks after each update; sharing there would also make an fp32-master
+run generate from its fp32 shards, gathered.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def generating(policy: nn.Module) -> Iterator[None]:
 
 
 class SharedHFEngine(HFEngine):
-    """`RolloutEngine` on the trainer's own policy (`policy.Policy`, LoRA layers included); see the module docstring.
+    """`RolloutEngine` on the trainer's own policy (`policy.Policy`, LoRA layers if any); see the module docstring.
 
     There is nothing to sync: `load_weights` refuses (the recipe's `sync_weights` skips it), `sleep` and `wake_up`
     do nothing (the weights are the trainer's). The first-sync probe still compares this engine's decoding
