@@ -50,7 +50,9 @@ from grpo_fsdp import distributed
 from grpo_fsdp.algorithms.sft import sft_loss
 from grpo_fsdp.cli import CONF_DIR, UserError, compose, group_options
 from grpo_fsdp.config import ConfigError
-from grpo_fsdp.estimate import GIB, estimate_memory, format_table, param_breakdown
+from grpo_fsdp.estimate import GIB, estimate_memory
+from grpo_fsdp.estimate_table import format_table
+from grpo_fsdp.param_count import param_breakdown
 from grpo_fsdp.models import build_policy, load_tokenizer
 
 # --model -> conf/model file whose `arch` holds the shapes (DeepSeek-R1-Distill-Qwen-7B has exactly

@@ -64,12 +64,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from grpo_fsdp.config import ArchConfig, Config, DPOConfig, GRPOConfig
+from grpo_fsdp.param_count import (
+    _attention_bias,
+    _kv_dim,
+    _targeted_linear,
+    _vocab,
+    lora_module_shapes,
+    lora_param_count,
+    param_breakdown,
+)
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# model=tiny takes its vocabulary from the project's byte-level tokenizer (vocab_size: 0): 256
-# bytes plus 3 special tokens (grpo_fsdp/tokenizer.py; a test keeps the two in step).
-TINY_VOCAB_FALLBACK = 259
 # NF4 with double quantization (quant.py): 4 bits, one int8 scale per 64 values, one fp32 factor per 256 scales.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 CUDA_CONTEXT_BYTES = GIB // 2
@@ -79,88 +85,6 @@ HOST_RUNTIME_BYTES = 64 * 2**20
 # What of it exists when the weights load (config, tokenizer, data, process group, reward workers' pipes). Measured:
 # 19.5 MiB above the post-import RSS when models.build_policy starts (the QLoRA step of tests/test_memory_plan.py).
 HOST_LOADING_RUNTIME_BYTES = 20 * 2**20
-
-
-@dataclass(frozen=True)
-class ParamBreakdown:
-    """Parameter counts by where FSDP2 puts them: decoder blocks vs. the root module."""
-
-    embedding: int
-    layer_linear: int  # weight matrices of one block (q, k, v, o, gate, up, down): 4-bit-able
-    layer_other: int  # biases and the two RMSNorm weights of one block
-    num_layers: int
-    final_norm: int
-    lm_head: int  # 0 when tied to the embedding
-
-    @property
-    def per_layer(self) -> int:
-        return self.layer_linear + self.layer_other
-
-    @property
-    def root(self) -> int:
-        return self.embedding + self.final_norm + self.lm_head
-
-    @property
-    def total(self) -> int:
-        return self.root + self.num_layers * self.per_layer
-
-
-def _vocab(arch: ArchConfig, vocab_size: int | None) -> int:
-    if vocab_size:
-        return vocab_size
-    return arch.vocab_size or TINY_VOCAB_FALLBACK
-
-
-def _kv_dim(arch: ArchConfig) -> int:
-    return arch.hidden_size // arch.num_heads * arch.num_kv_heads
-
-
-def param_breakdown(arch: ArchConfig, *, attention_bias: bool = True, vocab_size: int | None = None) -> ParamBreakdown:
-    h, i, kv = arch.hidden_size, arch.intermediate_size, _kv_dim(arch)
-    v = _vocab(arch, vocab_size)
-    linear = h * h + 2 * h * kv + h * h + 3 * h * i  # q, k+v, o_proj, gate/up/down
-    biases = (h + 2 * kv) if attention_bias else 0  # q, k, v biases (Qwen2); o_proj has none
-    return ParamBreakdown(
-        embedding=v * h,
-        layer_linear=linear,
-        layer_other=biases + 2 * h,  # input and post-attention RMSNorm weights
-        num_layers=arch.num_layers,
-        final_norm=h,
-        lm_head=0 if arch.tie_embeddings else v * h,
-    )
-
-
-def param_count(arch: ArchConfig, *, attention_bias: bool = True, vocab_size: int | None = None) -> int:
-    """Total parameters of a Qwen2-style decoder with these shapes."""
-    return param_breakdown(arch, attention_bias=attention_bias, vocab_size=vocab_size).total
-
-
-def lora_module_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each LoRA-targetable linear in one block."""
-    h, i, kv = arch.hidden_size, arch.intermediate_size, _kv_dim(arch)
-    return {
-        "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-    }  # fmt: skip
-
-
-def lora_param_count(arch: ArchConfig, rank: int, target_modules: list[str]) -> tuple[int, list[str]]:
-    """Adapter params over all layers (A: r x in, B: out x r) and the target names not counted."""
-    shapes = lora_module_shapes(arch)
-    names = list(shapes) if "all-linear" in target_modules else list(target_modules)
-    per_layer = sum(rank * (shapes[n][0] + shapes[n][1]) for n in names if n in shapes)
-    return per_layer * arch.num_layers, [n for n in names if n not in shapes]
-
-
-def _targeted_linear(arch: ArchConfig, target_modules: list[str]) -> int:
-    """Weight params of one block's LoRA-targeted linears (what NF4 quantizes)."""
-    shapes = lora_module_shapes(arch)
-    return sum(i * o for name, (i, o) in shapes.items() if "all-linear" in target_modules or name in target_modules)
-
-
-def _attention_bias(model_name: str) -> bool:
-    # Qwen2-family checkpoints have q/k/v biases; Phi-3 and Llama-family do not.
-    return not model_name.lower().startswith(("phi", "llama"))
 
 
 def micro_batch_tokens(cfg: Config) -> tuple[int, int]:
@@ -431,61 +355,3 @@ def gib(x: float) -> str:
 
 def _count(x: int) -> str:
     return f"{x / 1e9:.2f} B" if x >= 1e8 else f"{x / 1e6:.2f} M"
-
-
-def plan_rows(est: MemoryEstimate, cfg: Config | None = None) -> list[tuple[str, str]]:
-    """(label, value) rows of the plan, in print order (see `format_table`)."""
-    rows = [("parameters", f"{_count(est.params)} (trainable {_count(est.trainable_params)})"),
-            ("world size", str(est.world_size))]
-    if est.base_weights or est.adapters:
-        fmt = "4-bit NF4" if cfg is not None and cfg.hardware.load_in_4bit else "frozen"
-        rows += [(f"base weights ({fmt})", gib(est.base_weights)), ("adapters (fp32 + gathered)", gib(est.adapters))]
-    else:
-        rows.append(("weights", gib(est.weights)))
-    host = " (sharded state on the host: CPU offload)" if est.cpu_bytes else ""
-    rows += [("gradients", gib(est.gradients) + (host if not est.gradients else "")),
-             ("optimizer", gib(est.optimizer) + (host if not est.optimizer else ""))]
-    what = "activations"
-    if cfg is not None:
-        tokens, _ = micro_batch_tokens(cfg)
-        ac = "with" if cfg.hardware.activation_checkpointing else "without"
-        what = f"activations ({cfg.train.micro_batch_size} seq, {tokens} tokens, {ac} checkpointing)"
-    rows += [(what, gib(est.activations)), ("log-prob chunk (fp32 logits)", gib(est.logits))]
-    if est.transient:
-        rows.append(("transient (head grad / NF4 dequant)", gib(est.transient)))
-    if est.reference:
-        rows.append(("reference model", gib(est.reference)))
-    if est.generation:  # GRPO: the engine generates while the trainer's gradients and activations are gone
-        kv = f", KV cache {gib(est.kv_cache)}" if est.kv_cache else ""
-        rows += [("rollout engine", f"{gib(est.engine)} (while generating{kv})"), ("training phase", gib(est.training)),
-                 ("generation phase", gib(est.generation))]
-    else:
-        rows.append(("training phase", gib(est.training)))
-    if est.loading:
-        rows.append(("loading phase (full fp32 copy)", gib(est.loading)))
-    if est.cuda_context:
-        rows.append(("CUDA context", gib(est.cuda_context)))
-    if est.host_runtime:
-        rows.append(("host runtime (data, threads)", gib(est.host_runtime)))
-    rows.append(("total per device", gib(est.total)))
-    if est.cpu_bytes:
-        rows.append(("offloaded to CPU per rank", gib(est.cpu_bytes)))
-    return rows
-
-
-def format_table(est: MemoryEstimate, gpu_memory_gib: float, cfg: Config | None = None) -> str:
-    """The plan line by line in GiB, and whether it fits a device of `gpu_memory_gib` (if > 0)."""
-    rows = plan_rows(est, cfg)
-    width = max(len(k) for k, _ in rows)
-    lines = ["memory plan (per device)", "-" * (width + 2 + max(len(v) for _, v in rows))]
-    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
-    if gpu_memory_gib > 0:
-        cap = gpu_memory_gib * GIB
-        share = f"{est.total / cap:.0%} of {gpu_memory_gib:g} GiB"
-        if est.total <= cap:
-            lines.append(f"fits: yes ({share}; allocator fragmentation not counted)")
-        else:
-            tip = f"; try {', '.join(est.hints)}" if est.hints else ""
-            lines.append(f"fits: NO ({share}){tip}")
-    lines += [f"note: {n}" for n in est.notes]
-    return "\n".join(lines)

@@ -21,7 +21,8 @@ import os
 import pathlib
 
 from grpo_fsdp.config import Config, ConfigError
-from grpo_fsdp.estimate import DTYPE_BYTES, GIB, param_count
+from grpo_fsdp.estimate import DTYPE_BYTES, GIB
+from grpo_fsdp.param_count import param_count
 
 # ------------------------------------------------------------------------------------------------
 # W&B

@@ -22,7 +22,8 @@ RECIPES = {"sft": "grpo_fsdp.recipes.sft", "grpo": "grpo_fsdp.recipes.grpo", "dp
 
 def dry_run(cfg: Config, world_size: int) -> str:
     """The batch-semantics table and the per-GPU memory estimate, as printed by dry_run=true."""
-    from grpo_fsdp.estimate import estimate_memory, format_table
+    from grpo_fsdp.estimate import estimate_memory
+    from grpo_fsdp.estimate_table import format_table
     from grpo_fsdp.plan import BatchPlan
 
     header = f"config ok: hardware={cfg.hardware.name} model={cfg.model.name} data={cfg.data.name} algo={cfg.algo.name} world_size={world_size}"

@@ -19,11 +19,11 @@ from grpo_fsdp.estimate import (
     activation_bytes,
     block_saved_bytes,
     estimate_memory,
-    format_table,
     kv_cache_bytes,
     logits_bytes,
     micro_batch_tokens,
 )
+from grpo_fsdp.estimate_table import format_table
 from grpo_fsdp.memory_fit import check_fits, fitting_overrides
 from grpo_fsdp.validation import validate
 

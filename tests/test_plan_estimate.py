@@ -9,17 +9,9 @@ import pytest
 
 from grpo_fsdp.cli import compose, group_options
 from grpo_fsdp.config import ArchConfig
-from grpo_fsdp.estimate import (
-    CUDA_CONTEXT_BYTES,
-    GIB,
-    HOST_RUNTIME_BYTES,
-    NF4_BYTES,
-    TINY_VOCAB_FALLBACK,
-    estimate_memory,
-    format_table,
-    lora_param_count,
-    param_count,
-)
+from grpo_fsdp.estimate import CUDA_CONTEXT_BYTES, GIB, HOST_RUNTIME_BYTES, NF4_BYTES, estimate_memory
+from grpo_fsdp.estimate_table import format_table
+from grpo_fsdp.param_count import TINY_VOCAB_FALLBACK, lora_param_count, param_count
 from grpo_fsdp.plan import BatchPlan
 
 
