@@ -10,7 +10,7 @@ On a shared CPU use --threads 1: with more OpenMP threads than free cores both s
 several-fold (measured here: 360 vs 132 tokens/s at 2 threads on a loaded 2-core machine, ~2,700 at 1 thread).
 
 Needs `trl` (measured with trl 1.16.0 beside transformers 5.19 / torch 2.13). The GRPO side-by-side
-(grpo_vs_trl.py) lends this file its start model, its child runner (RSS polling) and its summary.
+(side_by_side.py, shared with grpo_vs_trl.py) lends this file its start model, its child runner (RSS polling) and its summary.
 
 What runs, in one invocation:
   0. the start model (a temporary directory): `--shapes tiny` is grpo_vs_trl's (the tiny Qwen2 model of
@@ -74,7 +74,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from grpo_vs_trl import REPO, build_start_model, child_env, run_child, summarise, tail, timed, versions
+from side_by_side import REPO, build_start_model, child_env, run_child, summarise, tail, timed, versions
 
 REF_LINE = re.compile(r"reference log-probs: \d+ shards scored in ([0-9.]+) s")
 
@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.pairs = a.pairs or a.steps * a.batch
     a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
-    a.vocab = "tiny"  # grpo_vs_trl.build_start_model's field: the tiny model's own tokenizer
+    a.vocab = "tiny"  # side_by_side.build_start_model's field: the tiny model's own tokenizer
     if a.batch % a.micro_batch:
         p.error(f"--micro-batch {a.micro_batch} must divide --batch {a.batch}")
     return a
@@ -184,7 +184,7 @@ def write_pairs(a: argparse.Namespace, model_dir: Path, path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# the two sides (each in its own process, run by grpo_vs_trl.run_child)
+# the two sides (each in its own process, run by side_by_side.run_child)
 # ---------------------------------------------------------------------------------------------
 def run_ours(a: argparse.Namespace, model_dir: Path, data: Path, work: Path, tag: str = "") -> dict:
     run_dir = work / f"ours{tag}"
@@ -354,7 +354,7 @@ def mfu(model_dir: Path, tokens_per_s: float | None) -> float | None:
 
 
 def side_summary(rs: list[dict]) -> dict:
-    """grpo_vs_trl.summarise (the median-tokens/s run, max RSS) plus the medians of RSS and of the reference pass."""
+    """side_by_side.summarise (the median-tokens/s run, max RSS) plus the medians of RSS and of the reference pass."""
     med = summarise(rs)
     ok = [r for r in rs if "tokens_per_s" in r]
     if ok:

@@ -52,8 +52,8 @@ from grpo_fsdp.cli import CONF_DIR, UserError, compose, group_options
 from grpo_fsdp.config import ConfigError
 from grpo_fsdp.estimate import GIB, estimate_memory
 from grpo_fsdp.estimate_table import format_table
-from grpo_fsdp.param_count import param_breakdown
 from grpo_fsdp.models import build_policy, load_tokenizer
+from grpo_fsdp.param_count import param_breakdown
 
 # --model -> conf/model file whose `arch` holds the shapes (DeepSeek-R1-Distill-Qwen-7B has exactly
 # Qwen2.5-7B's shapes: vocab 152064, hidden 3584, inter 18944, 28 layers, 28/4 heads, untied).
