@@ -9,11 +9,13 @@ and the online run says that it scores with the adapters off instead of building
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from conftest import SMALL, read_metrics, run_train
+from safetensors.torch import load_file
 from test_dpo_recipe import DPO, _close
 
 from grpo_fsdp import distributed
@@ -101,10 +103,16 @@ def test_qlora_dpo_cached_reference_equals_adapters_off_online_reference(tmp_pat
     step, after the adapters moved) the steps agree to 1e-5; the first loss is ln 2; no reference model is built."""
     pytest.importorskip("torchao")
     common = [*DPO, *LORA, "hardware.load_in_4bit=true", "optim.lr=1e-2", "algo.eval_pairs=8"]  # + held-out pairs
-    cached = run_train([*common, f"run_dir={tmp_path / 'cached'}"])
+    cached = run_train([*common, f"run_dir={tmp_path / 'cached'}", "checkpoint.export_hf=true"])
     online = run_train([*common, f"run_dir={tmp_path / 'online'}", "algo.precompute_ref=false"])
     line = "reference: the policy with its LoRA adapters off (the base model; no second copy of the weights)\n"
     assert line in cached.stdout and line in online.stdout
+    # the end of a LoRA run writes the adapter (PEFT) beside the merged model, as GRPO's does: the trained B != 0
+    adapter = tmp_path / "cached" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    b_mats = {k: v for k, v in load_file(str(adapter / "adapter_model.safetensors")).items() if "lora_B" in k}
+    assert b_mats and all(float(v.abs().max()) > 0 for v in b_mats.values())
+    assert (tmp_path / "cached" / "hf" / "model.safetensors").is_file()
     assert not (tmp_path / "online" / "ref_logps").exists()
     a, b = read_metrics(tmp_path / "cached"), read_metrics(tmp_path / "online")
     assert a[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6) and b[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)

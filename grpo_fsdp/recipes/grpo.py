@@ -35,7 +35,6 @@ from grpo_fsdp.curriculum.sampler import PromptOrder
 from grpo_fsdp.data.lengths import fit_prompts
 from grpo_fsdp.data.loading import load_examples
 from grpo_fsdp.data.templates import encode_prompt, render_prompt
-from grpo_fsdp.export import export_adapter, export_hf
 from grpo_fsdp.logging import make_logger
 from grpo_fsdp.lora import BaseModel, adapter_state_dict, adapters_disabled, has_lora, merge_adapters
 from grpo_fsdp.models import build_policy, build_reference, hf_config, load_tokenizer
@@ -46,7 +45,7 @@ from grpo_fsdp.preemption import Preemption
 from grpo_fsdp.recipes.grpo_update import old_policy_pass, optimizer_step, score_logprobs
 from grpo_fsdp.recipes.periodic_eval import PeriodicEval
 from grpo_fsdp.recipes.rollout_batch import gather_rollout, micro_batches, rank_share
-from grpo_fsdp.recipes.step_end import checkpoint_after_step
+from grpo_fsdp.recipes.step_end import checkpoint_after_step, export_final
 from grpo_fsdp.recipes.teardown import Teardown
 from grpo_fsdp.rewards import ConstantRewardWatch, RewardScorer, RewardWeights, timeout_warning
 from grpo_fsdp.rollout.base import SamplingConfig
@@ -285,8 +284,5 @@ def _run(cfg: Config, td: Teardown) -> int:
         if checkpoint_after_step(step + 1, step + 1 == t.max_steps, cfg, ckpt, state, preempt, logger, run_dir, d, improved):
             break
     else:
-        if cfg.checkpoint.export_hf:
-            if has_lora(policy):
-                logger.print(f"exported the LoRA adapter (PEFT format) to {export_adapter(policy, f'{run_dir}/adapter')}")
-            logger.print(f"exported Hugging Face model to {export_hf(policy, hf_conf, tokenizer, f'{run_dir}/hf', cfg.hardware.param_dtype)}")
+        export_final(cfg, policy, hf_conf, tokenizer, logger, run_dir)
     return 0

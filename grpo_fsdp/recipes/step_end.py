@@ -1,5 +1,6 @@
 """What every recipe does after an optimizer step (the checkpoint rule and the preemption exit) and at the end of
-a run that was not preempted (the loss summary line and the Hugging Face export, `end_of_run`).
+a run that was not preempted (the loss summary line and the exports, `end_of_run`: the LoRA adapter as a PEFT
+directory and the Hugging Face model, merged under LoRA; GRPO calls `export_final` alone).
 
     SIGTERM seen by any rank  -> save now, print the resume line, and tell the caller to stop
     the last step (checkpoint.save_final), every checkpoint.every_steps, a new best -> save
@@ -13,8 +14,9 @@ from __future__ import annotations
 import time
 
 from grpo_fsdp import distributed
-from grpo_fsdp.export import export_hf
+from grpo_fsdp.export import export_adapter, export_hf
 from grpo_fsdp.faults import maybe_fault
+from grpo_fsdp.lora import has_lora
 
 
 def checkpoint_after_step(step: int, done: bool, cfg, ckpt, state: tuple, preempt, logger, run_dir: str, d,
@@ -41,6 +43,15 @@ def end_of_run(name: str, losses: list[float], first: int, last: int, began: flo
     if losses:
         logger.print(f"{name}: steps {first}-{last}, loss {losses[0]:.{digits}f} -> {losses[-1]:.{digits}f}, "
                      f"{time.perf_counter() - began:.0f} s; checkpoint in {ckpt.latest()}")
-    if cfg.checkpoint.export_hf:
-        out = export_hf(policy, hf_conf, tokenizer, f"{run_dir}/hf", cfg.hardware.param_dtype)
-        logger.print(f"exported Hugging Face model to {out}")
+    export_final(cfg, policy, hf_conf, tokenizer, logger, run_dir)
+
+
+def export_final(cfg, policy, hf_conf, tokenizer, logger, run_dir: str) -> None:
+    """With checkpoint.export_hf (collectives: every rank calls it): under LoRA the adapter alone as a PEFT directory,
+    `<run_dir>/adapter`, then the model (merged under LoRA) as a Hugging Face directory, `<run_dir>/hf`."""
+    if not cfg.checkpoint.export_hf:
+        return
+    if has_lora(policy):
+        logger.print(f"exported the LoRA adapter (PEFT format) to {export_adapter(policy, f'{run_dir}/adapter')}")
+    out = export_hf(policy, hf_conf, tokenizer, f"{run_dir}/hf", cfg.hardware.param_dtype)
+    logger.print(f"exported Hugging Face model to {out}")
