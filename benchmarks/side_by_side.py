@@ -108,16 +108,7 @@ def build_start_model(a: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     if a.vocab == "qwen2.5":
         return build_qwen_vocab_model(a, work)
     if a.sft_steps > 0:
-        run_dir = work / "sft"
-        cmd = [sys.executable, "-m", "grpo_fsdp.train", f"run_dir={run_dir}", f"train.max_steps={a.sft_steps}",
-               f"train.seed={a.seed}", "logging.progress_bar=false"]
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, check=False, cwd=REPO, env=child_env(a.threads), capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"SFT of the start model failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        return run_dir / "hf", {"source": f"tiny (conf/model/tiny.yaml) after {a.sft_steps} SFT steps on arithmetic",
-                                "sft_final_loss": rows[-1]["train/loss"], "sft_seconds": time.perf_counter() - t0}
+        return sft_start_model(a, work, "tiny (conf/model/tiny.yaml)")
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -161,15 +152,21 @@ def build_qwen_vocab_model(a: argparse.Namespace, work: Path) -> tuple[Path, dic
               "and tied embeddings, random init")
     if a.sft_steps == 0:
         return init, {"source": source, "vocab_size": len(tok)}
+    out, info = sft_start_model(a, work, source + ",", f"model.path={init}")
+    return out, {**info, "vocab_size": len(tok)}
+
+
+def sft_start_model(a: argparse.Namespace, work: Path, source: str, *overrides: str) -> tuple[Path, dict]:
+    """--sft-steps of our SFT on arithmetic into <work>/sft (the model `overrides` name, else the tiny one): its HF export."""
     run_dir = work / "sft"
-    cmd = [sys.executable, "-m", "grpo_fsdp.train", f"run_dir={run_dir}", f"model.path={init}", f"train.max_steps={a.sft_steps}",
+    cmd = [sys.executable, "-m", "grpo_fsdp.train", f"run_dir={run_dir}", *overrides, f"train.max_steps={a.sft_steps}",
            f"train.seed={a.seed}", "logging.progress_bar=false"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, check=False, cwd=REPO, env=child_env(a.threads), capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"SFT of the start model failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return run_dir / "hf", {"source": f"{source}, after {a.sft_steps} SFT steps on arithmetic", "vocab_size": len(tok),
+    return run_dir / "hf", {"source": f"{source} after {a.sft_steps} SFT steps on arithmetic",
                             "sft_final_loss": rows[-1]["train/loss"], "sft_seconds": time.perf_counter() - t0}
 
 

@@ -65,13 +65,13 @@ from dataclasses import dataclass
 
 from grpo_fsdp.config import ArchConfig, Config, DPOConfig, GRPOConfig
 from grpo_fsdp.param_count import (
-    _attention_bias,
-    _kv_dim,
-    _targeted_linear,
-    _vocab,
+    has_attention_bias,
+    kv_dim,
     lora_module_shapes,
     lora_param_count,
     param_breakdown,
+    targeted_linear_params,
+    vocab_size_of,
 )
 
 GIB = 1024**3
@@ -106,7 +106,7 @@ def block_saved_bytes(arch: ArchConfig, c: int, tokens: int) -> int:
     """What one Qwen2 block saves for backward over `tokens` tokens in a c-byte compute dtype: h-wide tensors
     (the norms' outputs, q, the attention output), k and v, four i-wide MLP tensors (gate, SiLU, up, their
     product) and the RMSNorms' fp32 upcasts; tests/test_memory_plan.py counts them with saved_tensors_hooks."""
-    h, i, kv = arch.hidden_size, arch.intermediate_size, _kv_dim(arch)
+    h, i, kv = arch.hidden_size, arch.intermediate_size, kv_dim(arch)
     return tokens * (c * (6 * h + 2 * kv + 4 * i) + 8 * h)
 
 
@@ -138,7 +138,7 @@ def kv_cache_bytes(cfg: Config, world_size: int) -> int:
     c = DTYPE_BYTES[cfg.hardware.param_dtype]
     rows = g.prompts_per_step // world_size * g.group_size
     rows = min(rows, cfg.rollout.max_batch_size) if cfg.rollout.max_batch_size else rows
-    return 2 * arch.num_layers * _kv_dim(arch) * c * rows * (cfg.data.max_prompt_length + g.max_new_tokens)
+    return 2 * arch.num_layers * kv_dim(arch) * c * rows * (cfg.data.max_prompt_length + g.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -189,8 +189,8 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
     """Estimate per-device memory; `vocab_size` overrides arch.vocab_size (e.g. a tokenizer's)."""
     hw, arch, n = cfg.hardware, cfg.model.arch, world_size
     c = DTYPE_BYTES[hw.param_dtype]
-    vocab = _vocab(arch, vocab_size)
-    pb = param_breakdown(arch, attention_bias=_attention_bias(cfg.model.name), vocab_size=vocab)
+    vocab = vocab_size_of(arch, vocab_size)
+    pb = param_breakdown(arch, attention_bias=has_attention_bias(cfg.model.name), vocab_size=vocab)
     p = pb.total
     notes: list[str] = []
     if not (vocab_size or arch.vocab_size):
@@ -207,7 +207,7 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
             notes.append(f"LoRA targets not counted: {', '.join(skipped)}")
         lora_layer = lora // pb.num_layers  # exact: lora_param_count sums identical layers
         # quant.py quantizes the LoRA targets' weights; every other base weight is frozen in the compute dtype
-        nf4_layer = _targeted_linear(arch, hw.lora.target_modules) if hw.load_in_4bit else 0
+        nf4_layer = targeted_linear_params(arch, hw.lora.target_modules) if hw.load_in_4bit else 0
         nf4_bytes = nf4_layer * NF4_BYTES
         plain_layer_bytes = (pb.layer_linear - nf4_layer + pb.layer_other) * c
         if hw.load_in_4bit and n == 1:  # parallelize.nf4_left_out: on one rank FSDP leaves NF4 weights on the device
@@ -215,7 +215,7 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
         else:
             layer_base = plain_layer_bytes + nf4_bytes
         if hw.load_in_4bit and nf4_layer < pb.layer_linear:
-            notes.append(f"NF4 holds the LoRA targets' weights ({_count(nf4_layer * pb.num_layers)} params); the other "
+            notes.append(f"NF4 holds the LoRA targets' weights ({human_count(nf4_layer * pb.num_layers)} params); the other "
                          f"block linears stay in {hw.param_dtype} ({gib((pb.layer_linear - nf4_layer) * pb.num_layers * c)})")
         root_bytes = pb.root * c
         base_sharded = (pb.num_layers * layer_base + root_bytes) / n  # frozen base in its storage format
@@ -353,5 +353,5 @@ def gib(x: float) -> str:
     return f"{x / GIB:.2f} GiB" if x >= GIB / 2 else f"{x / 2**20:.1f} MiB"
 
 
-def _count(x: int) -> str:
+def human_count(x: int) -> str:
     return f"{x / 1e9:.2f} B" if x >= 1e8 else f"{x / 1e6:.2f} M"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from grpo_fsdp.config import Config
-from grpo_fsdp.estimate import GIB, MemoryEstimate, _count, gib, micro_batch_tokens
+from grpo_fsdp.estimate import GIB, MemoryEstimate, gib, human_count, micro_batch_tokens
 
 
 def plan_rows(est: MemoryEstimate, cfg: Config | None = None) -> list[tuple[str, str]]:
     """(label, value) rows of the plan, in print order (see `format_table`)."""
-    rows = [("parameters", f"{_count(est.params)} (trainable {_count(est.trainable_params)})"),
+    rows = [("parameters", f"{human_count(est.params)} (trainable {human_count(est.trainable_params)})"),
             ("world size", str(est.world_size))]
     if est.base_weights or est.adapters:
         fmt = "4-bit NF4" if cfg is not None and cfg.hardware.load_in_4bit else "frozen"

@@ -36,19 +36,19 @@ class ParamBreakdown:
         return self.root + self.num_layers * self.per_layer
 
 
-def _vocab(arch: ArchConfig, vocab_size: int | None) -> int:
+def vocab_size_of(arch: ArchConfig, vocab_size: int | None) -> int:
     if vocab_size:
         return vocab_size
     return arch.vocab_size or TINY_VOCAB_FALLBACK
 
 
-def _kv_dim(arch: ArchConfig) -> int:
+def kv_dim(arch: ArchConfig) -> int:
     return arch.hidden_size // arch.num_heads * arch.num_kv_heads
 
 
 def param_breakdown(arch: ArchConfig, *, attention_bias: bool = True, vocab_size: int | None = None) -> ParamBreakdown:
-    h, i, kv = arch.hidden_size, arch.intermediate_size, _kv_dim(arch)
-    v = _vocab(arch, vocab_size)
+    h, i, kv = arch.hidden_size, arch.intermediate_size, kv_dim(arch)
+    v = vocab_size_of(arch, vocab_size)
     linear = h * h + 2 * h * kv + h * h + 3 * h * i  # q, k+v, o_proj, gate/up/down
     biases = (h + 2 * kv) if attention_bias else 0  # q, k, v biases (Qwen2); o_proj has none
     return ParamBreakdown(
@@ -68,7 +68,7 @@ def param_count(arch: ArchConfig, *, attention_bias: bool = True, vocab_size: in
 
 def lora_module_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each LoRA-targetable linear in one block."""
-    h, i, kv = arch.hidden_size, arch.intermediate_size, _kv_dim(arch)
+    h, i, kv = arch.hidden_size, arch.intermediate_size, kv_dim(arch)
     return {
         "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
         "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
@@ -83,12 +83,12 @@ def lora_param_count(arch: ArchConfig, rank: int, target_modules: list[str]) -> 
     return per_layer * arch.num_layers, [n for n in names if n not in shapes]
 
 
-def _targeted_linear(arch: ArchConfig, target_modules: list[str]) -> int:
+def targeted_linear_params(arch: ArchConfig, target_modules: list[str]) -> int:
     """Weight params of one block's LoRA-targeted linears (what NF4 quantizes)."""
     shapes = lora_module_shapes(arch)
     return sum(i * o for name, (i, o) in shapes.items() if "all-linear" in target_modules or name in target_modules)
 
 
-def _attention_bias(model_name: str) -> bool:
+def has_attention_bias(model_name: str) -> bool:
     # Qwen2-family checkpoints have q/k/v biases; Phi-3 and Llama-family do not.
     return not model_name.lower().startswith(("phi", "llama"))
