@@ -75,7 +75,7 @@ def attention_name(base: str | None) -> str | None:
     transformers)."""
     if not base:
         return None
-    name = PREFIX + base
+    name = base if base.startswith(PREFIX) else PREFIX + base  # idempotent: a config already ours stays as it is
     if name in ALL_ATTENTION_FUNCTIONS:
         return name
     if base not in ALL_ATTENTION_FUNCTIONS or base not in ALL_MASK_ATTENTION_FUNCTIONS:

@@ -137,8 +137,7 @@ class Checkpointer:
         every rank). A collective only on scheduled steps, where the other ranks wait for the eval rank anyway."""
         if not self.best_metric or not scheduled:
             return False
-        values = [None] * dist.get_world_size()
-        dist.all_gather_object(values, metrics.get(self.best_metric))
+        values = distributed.all_gather_object(metrics.get(self.best_metric))
         value = next((float(v) for v in values if v is not None), None)
         improved = None
         if dist.get_rank() == 0:
@@ -217,8 +216,7 @@ class Checkpointer:
         # damaged files raise anything; DCP's CheckpointException (every rank's failure) is a BaseException
         except (Exception, CheckpointException) as e:  # noqa: BLE001
             error = _one_line(e)
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)  # DCP gathers its own errors; this covers anything else
+        errors = distributed.all_gather_object(error)  # DCP gathers its own errors; this covers anything else
         if error := next((e for e in errors if e is not None), None):
             raise UserError(f"checkpoint {path} is unusable: reading its model/optimizer shards failed: {error}")
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=RESTORE)

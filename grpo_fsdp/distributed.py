@@ -87,8 +87,25 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable `obj`, in rank order. One process gets `[obj]` without a collective: gloo copies a
+    gathered payload above 32k elements with an OpenMP loop in its own thread, and that second OpenMP team makes
+    libgomp count more threads than cores and throttle its spin-wait for good (GOMP_SPINCOUNT 300,000 -> 1,000):
+    every later small op of the main thread then waits for a sleeping worker to wake. Measured in one fp32 process
+    on 2 cores (AMD EPYC, OMP_NUM_THREADS=2): a [64, 128] x [128, 384] linear 70 -> 230-500 us after the first
+    rollout's gather, the default GRPO preset's decode steps ~2.5x slower from step 2 on (issue 13)."""
+    if dist.get_world_size() == 1:
+        return [obj]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from `src` to every rank (only ever our own in-memory objects)."""
+    """Send a picklable object from `src` to every rank (only ever our own in-memory objects; one process: no
+    collective, see `all_gather_object`)."""
+    if dist.get_world_size() == 1:
+        return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -136,11 +153,3 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """`t` whole: an FSDP2 DTensor shard all-gathered (a collective: every rank calls it), a plain tensor (the
     unsharded one-process path, parallelize.shards) as it is. The one place that tells the two apart."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def all_gather_tensor(t: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
-    """Every rank's copy of an equally shaped tensor, in rank order (on the CPU)."""
-    t = t.to(device)
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return [x.cpu() for x in out]

@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from grpo_fsdp.algorithms.grpo import mask_truncated
 from grpo_fsdp.data.sft import SFTSample, collate
+from grpo_fsdp.distributed import all_gather_object
 from grpo_fsdp.rollout.base import Completion
 from grpo_fsdp.shared_prefix import pack
 
@@ -53,8 +53,7 @@ def gather_rollout(local: list[Completion], rewards: list[float], prompts: list[
     mine = [(c.token_ids, c.finish_reason == "length", r, list(c.logprobs)) for c, r in zip(local, rewards)]
     if any(len(t) != len(lp) for t, _, _, lp in mine):
         raise RuntimeError("the rollout engine returned a completion whose log-probs do not match its tokens one to one")
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)  # token ids and log-probs are plain lists: a few hundred KB per step
+    parts = all_gather_object(mine)  # token ids and log-probs are plain lists: a few hundred KB per step
     rows = [row for part in parts for row in part]
     if len(rows) != len(prompts) * group_size:
         raise RuntimeError(f"rollout has {len(rows)} completions, expected {len(prompts)} prompts x {group_size}")

@@ -8,7 +8,9 @@ no copy) and decodes all prompts x G together, left-padded, one token per step:
               completions of the same prompt; prefilling them G times would waste G-1 passes),
               into a cache preallocated to prompt + max_new_tokens (`kv_cache.py`: no per-step copies)
     decode    feed the last token of every live row with its own position id (left padding shifts
-              each row's positions), sample with our own sampler (`sampler.py`), record the log-prob
+              each row's positions), sample with our own sampler (`sampler.py`), record the log-prob;
+              the step is `decode_step.LeanDecodeStep` (the same function in fewer ops) where the model
+              allows, transformers' forward otherwise (`lean_decode_reason` says why)
     finish    a row that emits a stop token is done; once a quarter of the batch is done the done
               rows are dropped from the batch and the cache (one gather of the filled positions)
 
@@ -39,6 +41,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, StaticCache
 from grpo_fsdp.attention import with_our_attention
 from grpo_fsdp.distributed import full_tensor
 from grpo_fsdp.rollout.base import Completion, GenerationStats, SamplingConfig, check_prompt_lengths
+from grpo_fsdp.rollout.decode_step import SDPA_NAMES, LeanDecodeStep, lean_decode_reason
 from grpo_fsdp.rollout.kv_cache import preallocated_cache
 from grpo_fsdp.rollout.noise import stream_ids
 from grpo_fsdp.rollout.sampler import Sampler
@@ -63,6 +66,8 @@ class HFEngine:
     eos_token_ids: the stop token(s) (`stop_token_ids(tokenizer, config)`).
     pad_token_id: fed to finished rows and used for left padding (never attended); default: first eos.
     max_batch_size: at most this many sequences decode together (None: all prompts x n at once).
+    lean_decode: decode steps by `decode_step.LeanDecodeStep` where the model allows (`lean_decode_reason` says
+        why not otherwise); False keeps transformers' forward (tests compare the two).
     """
 
     # `load_weights` copies each tensor by name into this engine's own parameters, checking names and
@@ -80,6 +85,7 @@ class HFEngine:
         max_batch_size: int | None = None,
         static_cache: bool = False,
         compile: bool = False,
+        lean_decode: bool = True,
     ):
         eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
         if not eos:
@@ -103,8 +109,13 @@ class HFEngine:
         self._asleep = 0  # 0 awake, else the sleep level
         self._eos = torch.tensor(eos, device=self.device)
         self._step = torch.compile(self._forward_last, dynamic=None) if compile else self._forward_last
+        # decode steps in fewer ops where the model allows (decode_step.py); why not is kept for the log and tests
+        self.lean_decode_reason = ("turned off" if not lean_decode else "static cache" if static_cache
+                                   else lean_decode_reason(self.model, self.device))
+        if self.lean_decode_reason is None:
+            self._step = LeanDecodeStep(self.model)
         # SDPA takes a boolean [B, 1, 1, L] padding mask for a one-token step; FlashAttention-2 wants the 2D mask
-        self._decode_mask_4d = self.model.config._attn_implementation in ("sdpa", "grpo_fsdp+sdpa")
+        self._decode_mask_4d = self.model.config._attn_implementation in SDPA_NAMES
         self.last_stats = GenerationStats()
         self.total_stats = GenerationStats()
 
