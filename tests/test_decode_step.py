@@ -87,6 +87,9 @@ def test_reasons_to_keep_transformers_forward():
     sliding = build("qwen2")
     sliding.config.layer_types = ["sliding_attention", "full_attention"]
     assert lean_decode_reason(sliding, cpu) == "sliding-window layers"
+    mistral = build("mistral")
+    mistral.config.sliding_window = 4096  # MistralConfig's default: every layer windowed
+    assert lean_decode_reason(mistral, cpu) == "sliding-window layers"
     other = build("qwen2")
     other.config.model_type = "gemma"
     assert "model type 'gemma'" in lean_decode_reason(other, cpu)

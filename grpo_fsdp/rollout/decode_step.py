@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from grpo_fsdp.rollout.kv_cache import PreallocatedLayer
 
@@ -50,8 +51,6 @@ def _parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def lean_decode_reason(lm: nn.Module, device: torch.device) -> str | None:
     """Why `lm` keeps transformers' forward for its decode steps, or None when `LeanDecodeStep` can run it."""
-    from torch.distributed.fsdp import FSDPModule
-
     conf = lm.config
     if device.type != "cpu":
         return f"device {device.type} (measured on CPU only)"
@@ -59,7 +58,8 @@ def lean_decode_reason(lm: nn.Module, device: torch.device) -> str | None:
         return f"model type {conf.model_type!r} (the step knows {', '.join(LAYOUT_MODEL_TYPES)})"
     if conf._attn_implementation not in SDPA_NAMES:
         return f"attention {conf._attn_implementation!r} (the step runs SDPA)"
-    if any(t != "full_attention" for t in (getattr(conf, "layer_types", None) or [])):
+    layer_types = getattr(conf, "layer_types", None)  # Qwen2 lists them; Mistral has one window for every layer
+    if any(t != "full_attention" for t in layer_types or []) or (not layer_types and getattr(conf, "sliding_window", None)):
         return "sliding-window layers"
     decoder, _ = _parts(lm)
     if any(isinstance(m, FSDPModule) for m in decoder.modules()):
