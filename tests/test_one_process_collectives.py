@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 SCRIPT = r"""
 import json, os, torch, torch.distributed as dist
@@ -43,3 +45,12 @@ def test_one_process_gathers_without_a_collective(tmp_path):
     assert r["same"]
     assert r["after_ours"] == r["before"]  # no thread started by gloo: no second OpenMP team
     assert r["after_raw"] >= r["after_ours"]  # (torch 2.13: +1, gloo's thread's OpenMP worker; informative only)
+
+
+def test_object_collectives_go_through_distributed_py():
+    """A raw object collective elsewhere would bring the throttling back in one process: they live in distributed.py
+    (and logging.py's gather, which returns early in one process)."""
+    package = Path(__file__).resolve().parents[1] / "grpo_fsdp"
+    raw = re.compile(r"\bdist\.(all_gather_object|broadcast_object_list|gather_object|scatter_object_list)\(")
+    found = {str(p.relative_to(package)) for p in package.rglob("*.py") if raw.search(p.read_text())}
+    assert found == {"distributed.py", "logging.py"}, found
