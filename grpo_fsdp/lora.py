@@ -59,6 +59,8 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapters_on = True
+        self.dense_base = False  # `dense_nf4_bases`: an NF4 weight dequantized once, kept until the flag drops
+        self._dense: torch.Tensor | None = None
         if device.type != "meta":
             self.reset_adapters()
 
@@ -70,7 +72,11 @@ class LoRALinear(nn.Module):
         self.lora_B.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _is_nf4(self.weight):  # dequantizes to x's dtype; backward needs no gradient for the weight
+        if _is_nf4(self.weight) and self.dense_base:  # the same numbers as linear_nf4, dequantized once
+            if self._dense is None or self._dense.dtype != x.dtype:
+                self._dense = self.weight.get_original_weight().to(x.dtype)
+            out = F.linear(x, self._dense, self.bias)
+        elif _is_nf4(self.weight):  # dequantizes to x's dtype; backward needs no gradient for the weight
             from grpo_fsdp.quant import _torchao
 
             out = _torchao()[2](x, self.weight)
@@ -179,6 +185,32 @@ def adapters_disabled(model: nn.Module):
     finally:
         for m, on in zip(mods, before, strict=True):
             m.adapters_on = on
+
+
+def _plain_nf4_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for _, m in lora_modules(model) if type(m.weight).__name__ == "NF4Tensor"]  # not a DTensor shard
+
+
+def dense_nf4_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of every NF4 base weight of `model` (whole, also when sharded) dequantized to `dtype`: what
+    `dense_nf4_bases` holds."""
+    numel = sum(m.weight.numel() for _, m in lora_modules(model) if _is_nf4(m.weight))
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+@contextmanager
+def dense_nf4_bases(model: nn.Module):
+    """Inside the block each plain NF4 base weight is dequantized at its first use and kept (in the input's dtype),
+    so a rollout's decode steps stop dequantizing every weight at every step; freed on exit. The numbers are
+    linear_nf4's own (the same dequantization, then F.linear): tested equal bit for bit."""
+    mods = _plain_nf4_layers(model)
+    for m in mods:
+        m.dense_base = True
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.dense_base, m._dense = False, None
 
 
 class BaseModel:

@@ -124,8 +124,10 @@ def make_engine(
         if policy is not None:
             from grpo_fsdp.rollout.shared import SharedHFEngine
 
-            log("rollout engine: transformers, on the trainer's own modules (no weight copy, no sync)")
-            return SharedHFEngine(policy, stops, tokenizer.pad_token_id, device, max_batch_size=max_batch_size)
+            engine = SharedHFEngine(policy, stops, tokenizer.pad_token_id, device, max_batch_size=max_batch_size)
+            log("rollout engine: transformers, on the trainer's own modules (no weight copy, no sync"
+                + (f"; {engine.dense_nf4_line})" if engine.dense_nf4_line else ")"))
+            return engine
         return HFEngine(hf_conf, stops, tokenizer.pad_token_id, device, dtype, max_batch_size=max_batch_size)
     from grpo_fsdp.rollout.vllm import VLLMEngine
 

@@ -18,6 +18,10 @@ Every `generate` / `prompt_logprobs` runs inside `generating(policy)`:
   Cost: the model gathered in the compute dtype for the length of the call (on one rank FSDP2 keeps the
   unsharded parameters apart from the shards, so that is a second copy of the non-NF4 weights), freed after.
   A plain module (one fp32 process, `parallelize.shards`) needs none of this.
+- QLoRA: each NF4 base weight is dequantized at its first use in the call and kept until it ends
+  (`lora.dense_nf4_bases`; the same numbers as dequantizing per matmul), so a decode step stops dequantizing the
+  whole model, when the dense weights take at most `DENSE_NF4_SHARE` of the free memory (host RAM on CPU, the
+  device's on CUDA), judged once when the engine is built; the log line at start-up says which.
 - blocks compiled by `hardware.compile` run eagerly (`torch.compiler.set_stance`): their graphs were traced for
   the training forward, and one-token decode steps with a growing cache would recompile them.
 
@@ -36,13 +40,14 @@ run generate from its fp32 shards, gathered.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from grpo_fsdp.lora import dense_nf4_bases, dense_nf4_bytes
 from grpo_fsdp.rollout.base import Completion, SamplingConfig
 from grpo_fsdp.rollout.hf import HFEngine
 
@@ -109,6 +114,18 @@ def generating(policy: nn.Module) -> Iterator[None]:
                 m.reshard()
 
 
+DENSE_NF4_SHARE = 0.25  # a rollout may hold dequantized NF4 bases up to this share of the free memory
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Free memory where the weights live: the device's on CUDA, the host's available RAM otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 class SharedHFEngine(HFEngine):
     """`RolloutEngine` on the trainer's own policy (`policy.Policy`, LoRA layers if any); see the module docstring.
 
@@ -126,6 +143,17 @@ class SharedHFEngine(HFEngine):
         self._depth = 0  # nested held() / generate calls: only the outermost gathers
         dtype = policy.model.get_input_embeddings().weight.dtype  # LoRA: the base is stored in the compute dtype
         super().__init__(policy.config, eos_token_ids, pad_token_id, device, dtype, max_batch_size)
+        # QLoRA: dequantize each NF4 base once per rollout rather than at every decode step, when that fits
+        self.dense_nf4_bytes = dense_nf4_bytes(policy, dtype)
+        free = _free_bytes(self.device)
+        self.dense_nf4 = 0 < self.dense_nf4_bytes <= DENSE_NF4_SHARE * free
+        if self.dense_nf4_bytes:
+            mb = self.dense_nf4_bytes / 2**20
+            self.dense_nf4_line = (f"NF4 bases dequantized once per rollout ({mb:,.0f} MB while it runs)" if self.dense_nf4
+                                   else f"NF4 bases dequantized at every decode step ({mb:,.0f} MB dense would exceed "
+                                        f"{DENSE_NF4_SHARE:.0%} of the {free / 2**20:,.0f} MB free)")
+        else:
+            self.dense_nf4_line = ""
 
     def _build_model(self, config, dtype) -> nn.Module:
         return PolicyLM(self.policy)
@@ -135,7 +163,7 @@ class SharedHFEngine(HFEngine):
         """Keep the policy gathered for generation across several calls (the evaluator's). Collective under FSDP2:
         enter it on every rank, also on those that then generate nothing."""
         if self._depth == 0:
-            with generating(self.policy):
+            with generating(self.policy), (dense_nf4_bases(self.policy) if self.dense_nf4 else nullcontext()):
                 self._depth += 1
                 try:
                     yield
