@@ -149,9 +149,9 @@ class SharedHFEngine(HFEngine):
         self.dense_nf4 = 0 < self.dense_nf4_bytes <= DENSE_NF4_SHARE * free
         if self.dense_nf4_bytes:
             mb = self.dense_nf4_bytes / 2**20
-            self.dense_nf4_line = (f"NF4 bases dequantized once per rollout ({mb:,.0f} MB while it runs)" if self.dense_nf4
-                                   else f"NF4 bases dequantized at every decode step ({mb:,.0f} MB dense would exceed "
-                                        f"{DENSE_NF4_SHARE:.0%} of the {free / 2**20:,.0f} MB free)")
+            self.dense_nf4_line = (f"NF4 bases dequantized once per rollout, {mb:,.0f} MB while it runs" if self.dense_nf4
+                                   else f"NF4 bases dequantized at every decode step: {mb:,.0f} MB dense would exceed "
+                                        f"{DENSE_NF4_SHARE:.0%} of the {free / 2**20:,.0f} MB free")
         else:
             self.dense_nf4_line = ""
 
