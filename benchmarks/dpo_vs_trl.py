@@ -74,7 +74,7 @@ from datetime import date
 from pathlib import Path
 
 from dpo_report import machine, mfu, side_summary, write_md
-from side_by_side import REPO, build_start_model, child_env, run_child, tail, timed, versions
+from side_by_side import REPO, build_start_model, child_env, run_child, save_random_qwen2, tail, timed, versions
 
 REF_LINE = re.compile(r"reference log-probs: \d+ shards scored in ([0-9.]+) s")
 
@@ -138,23 +138,14 @@ def build_qwen_shapes(a: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     """Qwen2.5-1.5B's architecture, random weights (bf16 on disk), the real Qwen2.5 tokenizer."""
     import torch
     from omegaconf import OmegaConf
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+    from transformers import AutoTokenizer
 
     from grpo_fsdp.cli import CONF_DIR
 
     arch = OmegaConf.load(CONF_DIR / "model" / "qwen2.5-1.5b.yaml").arch
     tok = AutoTokenizer.from_pretrained(a.tokenizer_dir)
-    conf = Qwen2Config(
-        vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_kv_heads,
-        max_position_embeddings=max(32768, a.max_length), rope_theta=arch.rope_theta, tie_word_embeddings=arch.tie_embeddings,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(a.seed)
-    model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16)
-    out = work / "qwen2.5-1.5b-shapes"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    out = save_random_qwen2(arch, tok, work / "qwen2.5-1.5b-shapes", a.seed, torch.bfloat16, vocab_size=arch.vocab_size,
+                            max_position_embeddings=max(32768, a.max_length), tie_word_embeddings=arch.tie_embeddings)
     return out, {"source": f"Qwen2.5-1.5B shapes (conf/model/qwen2.5-1.5b.yaml), random init, tokenizer {a.tokenizer_dir}"}
 
 

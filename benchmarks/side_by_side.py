@@ -126,10 +126,27 @@ def build_start_model(a: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     return out, {"source": "tiny (conf/model/tiny.yaml), random init"}
 
 
+def save_random_qwen2(arch, tok, out: Path, seed: int, dtype, **conf) -> Path:
+    """A Qwen2 model of `arch`'s layers (conf/model/*.yaml), seeded random weights in `dtype`, saved to `out` with
+    `tok` (its eos / pad ids); `conf`: the Qwen2Config fields that differ between callers (vocabulary, positions, ties)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(
+        hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_kv_heads, rope_theta=arch.rope_theta,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **conf,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def build_qwen_vocab_model(a: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     """The tiny model's layers with Qwen2.5's tokenizer and a tied head: random init, then --sft-steps of our SFT."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+    from transformers import AutoTokenizer
 
     from grpo_fsdp.cli import compose
 
@@ -137,17 +154,9 @@ def build_qwen_vocab_model(a: argparse.Namespace, work: Path) -> tuple[Path, dic
         raise SystemExit(f"--vocab qwen2.5: no tokenizer.json in {a.tokenizer_dir}; pass --tokenizer-dir <dir>")
     tok = AutoTokenizer.from_pretrained(a.tokenizer_dir)
     arch = compose(["model=tiny"]).model.arch
-    conf = Qwen2Config(
-        vocab_size=len(tok), hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_kv_heads,
-        max_position_embeddings=arch.max_position_embeddings, rope_theta=arch.rope_theta, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(a.seed)
-    model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
-    init = work / "init-qwen2.5"
-    model.save_pretrained(init)
-    tok.save_pretrained(init)
+    init = save_random_qwen2(arch, tok, work / "init-qwen2.5", a.seed, torch.float32, vocab_size=len(tok),
+                             max_position_embeddings=arch.max_position_embeddings, tie_word_embeddings=True,
+                             bos_token_id=None)
     source = (f"tiny layers (conf/model/tiny.yaml) with the Qwen2.5 tokenizer ({len(tok):,} tokens, {a.tokenizer_dir}) "
               "and tied embeddings, random init")
     if a.sft_steps == 0:

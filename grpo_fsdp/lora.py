@@ -72,7 +72,7 @@ class LoRALinear(nn.Module):
         self.lora_B.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _is_nf4(self.weight) and self.dense_base:  # the same numbers as linear_nf4, dequantized once
+        if self.dense_base:  # an NF4 weight (dense_nf4_bases sets it on no other): linear_nf4's numbers, dequantized once
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = self.weight.get_original_weight().to(x.dtype)
             out = F.linear(x, self._dense, self.bias)
