@@ -87,7 +87,7 @@ class Policy(nn.Module):
             hidden = self.model(input_ids=ids, position_ids=positions, use_cache=False, attention_mask=placeholder,
                                 **extra).last_hidden_state[0]  # [T, H]
             sel = target_mask.nonzero(as_tuple=True)  # (completion, token) of each scored token
-            hidden, targets = hidden[predict_at[sel]], sp.targets[sel]  # [M, H], [M]
+            hidden, targets = hidden.index_select(0, predict_at[sel]), sp.targets[sel]  # [M, H], [M] (see shared_prefix)
         else:
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             sel = target_mask.nonzero(as_tuple=True)  # (rows, cols) of predicted positions

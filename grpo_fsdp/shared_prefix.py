@@ -198,8 +198,10 @@ def shared_prefix_attention(module, query, key, value, sp: SharedPrefix, dropout
     for b in sp.blocks:
         n = len(b.rows)
         qs, ks, vs = (rows(x, start, n, b.length) for x in (query, key, value))
-        keys = torch.cat([kp[b.owner], ks], dim=2)  # [n, Hkv, P+C, D]: the prompt's keys, then the completion's
-        values = torch.cat([vp[b.owner], vs], dim=2)
+        # [n, Hkv, P+C, D]: the prompt's keys, then the completion's. index_select, not kp[owner]: its backward is
+        # index_add_, ~20x faster on CPU than the accumulating index_put_ of advanced indexing (~0.9 ms a call here)
+        keys = torch.cat([kp.index_select(0, b.owner), ks], dim=2)
+        values = torch.cat([vp.index_select(0, b.owner), vs], dim=2)
         outs.append(F.scaled_dot_product_attention(qs, keys, values, attn_mask=b.key_mask, dropout_p=dropout, scale=scaling,
                                                    enable_gqa=gqa))
         start += n * b.length
