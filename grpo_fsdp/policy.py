@@ -91,7 +91,8 @@ class Policy(nn.Module):
         else:
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             sel = target_mask.nonzero(as_tuple=True)  # (rows, cols) of predicted positions
-            hidden, targets = hidden[:, :-1][sel], input_ids[:, 1:][sel]  # [M, H], [M]
+            flat = sel[0] * hidden.shape[1] + sel[1]  # position (row, col) of hidden[:, :-1], in hidden flattened
+            hidden, targets = hidden.flatten(0, 1).index_select(0, flat), input_ids[:, 1:][sel]  # [M, H], [M]
         bias = getattr(self.lm_head, "bias", None)
         if token_loss is not None:
             loss, logp, ent = fused_token_loss(hidden, self.lm_head.weight, targets, self.chunk_size, token_loss, bias,
