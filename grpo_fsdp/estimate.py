@@ -79,6 +79,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # NF4 with double quantization (quant.py): 4 bits, one int8 scale per 64 values, one fp32 factor per 256 scales.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 CUDA_CONTEXT_BYTES = GIB // 2
+DENSE_NF4_SHARE = 0.25  # rollout/shared.py's rule for holding dequantized NF4 bases (a test keeps the two equal)
 # A CPU device's own runtime beside the tensors: the process group, the data and its tokens, the autograd and
 # OpenMP threads. Measured: a GRPO step of a 0.5 M-parameter model grows the RSS by 62 MiB after the imports.
 HOST_RUNTIME_BYTES = 64 * 2**20
@@ -200,7 +201,7 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
     wrapped = fsdp_wraps(hw, n)
     gathered_layers = (min(2, pb.num_layers) if hw.reshard_after_forward else pb.num_layers) if wrapped else 0
     transient = 0
-    nf4_resident = 0
+    nf4_resident = nf4_layer = 0
     if hw.lora.enabled:
         lora, skipped = lora_param_count(arch, hw.lora.rank, hw.lora.target_modules)
         if skipped:
@@ -267,7 +268,13 @@ def estimate_memory(cfg: Config, world_size: int, vocab_size: int | None = None)
         # by FSDP2 while it generates, if wrapped; rollout/factory.py engine_from_config decides alike)
         shares = hw.lora.enabled or not wrapped
         shared = (pb.num_layers * layer_bytes + root_bytes if wrapped else 0) if shares else None
-        engine, asleep, note = _engine_bytes(cfg, c * p, kv, shared)
+        dense = 0  # QLoRA rollouts hold the NF4 bases dequantized while they run, where that fits (rollout/shared.py)
+        if shares and nf4_layer:
+            on_device = (0 if hw.cpu_offload else sharded) + nf4_resident + reference
+            built = on_device + (CUDA_CONTEXT_BYTES if hw.device == "cuda" else 0)
+            dense, dense_note = _dense_nf4(hw, nf4_layer * pb.num_layers * c, built)
+            notes.append(dense_note)
+        engine, asleep, note = _engine_bytes(cfg, c * p, kv, None if shared is None else shared + dense)
         notes.append(note)
         if hw.device != "cuda" and (cfg.rollout.sleep_level == 1 or cfg.rollout.engine == "vllm"):
             engine_awake = asleep  # a CPU engine keeps its weights while training (the KV cache is freed)
@@ -347,6 +354,21 @@ def _engine_bytes(cfg: Config, weights: float, kv: int, shared: float | None = N
         return vllm, vllm, f"rollout engine: {vllm_note}, {asleep}"
     return (max(hf, vllm), hf_kept if hf >= vllm else vllm,
             f"rollout engine (auto, the larger is counted): {vllm_note}, {asleep}; {hf_note}")
+
+
+def _dense_nf4(hw, dense: float, built: float) -> tuple[float, str]:
+    """(bytes, note) of the NF4 bases dequantized for a rollout: `SharedHFEngine` holds them when they take at most
+    `DENSE_NF4_SHARE` of the memory free when it is built (`built` bytes are in use by then: the weights, no optimizer
+    state yet), else dequantizes at every decode step. A CUDA plan decides on hardware.gpu_memory_gib; without a device
+    size (the CPU: host memory) the plan counts them."""
+    what = f"NF4 bases dequantized to {hw.param_dtype} once per rollout ({gib(dense)})"
+    if hw.device == "cuda" and hw.gpu_memory_gib > 0:
+        free = hw.gpu_memory_gib * GIB - built
+        if dense > DENSE_NF4_SHARE * free:
+            return 0, (f"NF4 bases dequantized at every decode step: {gib(dense)} dense would exceed "
+                       f"{DENSE_NF4_SHARE:.0%} of the ~{gib(max(free, 0))} free when the engine starts")
+        return dense, f"{what}: within {DENSE_NF4_SHARE:.0%} of the ~{gib(free)} free when the engine starts"
+    return dense, f"{what}, counted: the engine holds them where they take at most {DENSE_NF4_SHARE:.0%} of the free memory"
 
 
 def gib(x: float) -> str:

@@ -66,3 +66,27 @@ def test_dense_bases_sample_as_per_step_dequantization_and_are_freed(monkeypatch
         assert not small.dense_nf4 and "at every decode step" in lines[-1]
     finally:
         distributed.shutdown()
+
+
+def test_the_memory_plan_counts_the_dense_bases_where_the_engine_holds_them():
+    """test_plan_estimate's hand-written arch (2 layers, h 8, kv 4) with q, k, v, o in NF4: 64 + 32 + 32 + 64 = 192 base
+    weights a layer, 384 in all, dequantized to bf16 (h100x2) for a rollout: 768 bytes beside the gathered policy."""
+    from test_plan_estimate import grpo
+
+    from grpo_fsdp import estimate
+
+    assert estimate.DENSE_NF4_SHARE == shared_mod.DENSE_NF4_SHARE  # the plan decides as the engine does
+    lora = ["hardware.lora.enabled=true", "hardware.lora.rank=2", "hardware.load_in_4bit=true", "rollout.engine=hf",
+            "hardware.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"]  # fmt: skip
+
+    def plan(gib):
+        return estimate.estimate_memory(grpo(*lora, f"hardware.gpu_memory_gib={gib}"), world_size=2)
+
+    roomy, full, unsized = plan(80), plan(0.5), plan(0)  # 0.5 GiB: the CUDA context alone, nothing free
+    assert roomy.engine - full.engine == 768 and roomy.generation - full.generation == 768
+    assert unsized.engine == roomy.engine  # no device size: counted
+    assert roomy.training == full.training  # freed when the rollout ends
+    assert any("dequantized to bfloat16 once per rollout" in n for n in roomy.notes)
+    assert any("dequantized at every decode step" in n for n in full.notes)
+    plain = estimate.estimate_memory(grpo(*lora[:2], *lora[3:], "hardware.gpu_memory_gib=80"), world_size=2)
+    assert not any("dequantized" in n for n in plain.notes)  # no NF4 base, nothing to dequantize
