@@ -114,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.vocab = "tiny"  # side_by_side.build_start_model's field: the tiny model's own tokenizer
     if a.batch % a.micro_batch:
         p.error(f"--micro-batch {a.micro_batch} must divide --batch {a.batch}")
+    if a.steps < 2 and a.side is None:
+        p.error(f"--steps {a.steps}: needs at least 2 (the steady figures time steps 2..N)")
     return a
 
 

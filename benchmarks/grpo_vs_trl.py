@@ -125,6 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.steps < 2 and a.side is None:
+        p.error(f"--steps {a.steps}: needs at least 2 (the steady figures time steps 2..N)")
     rollout = a.prompts * a.group
     a.micro_batch = a.micro_batch or rollout
     if rollout % a.micro_batch:
