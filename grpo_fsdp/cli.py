@@ -140,13 +140,14 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
 
 
 def _exit(code: int) -> NoReturn:
-    """End the process with `code`. A torchrun worker runs the atexit handlers, flushes stdio and leaves without the
-    interpreter's finalization: FSDP2 keeps the gloo process group referenced past `destroy_process_group`, so its
-    threads (pt_gloo_runloop, gloo_tcp_loop) still run when the interpreter tears down, and tearing them down there
-    aborted ~1 clean 2-process run in 4 to 16 on a loaded 2-core machine ("terminate called without an active
-    exception", exit 134; with the heartbeat thread turned off as well). Everything of ours is released by then
-    (recipes/teardown.py); only module and C++ static teardown is skipped."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """End the process with `code`. A torchrun worker that started its process group runs the atexit handlers,
+    flushes stdio and leaves without the interpreter's finalization: FSDP2 keeps the gloo process group referenced
+    past `destroy_process_group`, so its threads (pt_gloo_runloop, gloo_tcp_loop) still run when the interpreter
+    tears down, and tearing them down there aborted ~1 clean 2-process run in 4 to 28 on a loaded 2-core machine
+    ("terminate called without an active exception", exit 134; also with the heartbeat thread turned off). Everything
+    of ours is released by then (recipes/teardown.py); only module and C++ static teardown is skipped."""
+    launched = sys.modules.get("grpo_fsdp.distributed")  # imported by every recipe before its group starts
+    if launched is not None and launched.launched_group():
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -72,11 +72,21 @@ def init(device_type: str, timeout_s: float = 1800.0, cpu_offload: bool = False)
         timeout = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:  # torchrun (or Slurm via torchrun)
             dist.init_process_group(backend, timeout=timeout, device_id=device if device_type == "cuda" else None)
+            _launched["group"] = True
         else:  # one process: an in-process store, no port to pick
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
     peers.start(timeout_s, watch=nccl)  # heartbeats through torchrun's store: who stopped answering
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
+
+
+_launched = {"group": False}
+
+
+def launched_group() -> bool:
+    """Whether this process started a process group of torchrun's (cli.run_main ends such a process without the
+    interpreter's finalization)."""
+    return _launched["group"]
 
 
 def shutdown() -> None:
