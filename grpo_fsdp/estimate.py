@@ -79,7 +79,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # NF4 with double quantization (quant.py): 4 bits, one int8 scale per 64 values, one fp32 factor per 256 scales.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 CUDA_CONTEXT_BYTES = GIB // 2
-DENSE_NF4_SHARE = 0.25  # rollout/shared.py's rule for holding dequantized NF4 bases (a test keeps the two equal)
+DENSE_NF4_SHARE = 0.25  # a rollout may hold dequantized NF4 bases up to this share of the free memory (rollout/shared.py)
 # A CPU device's own runtime beside the tensors: the process group, the data and its tokens, the autograd and
 # OpenMP threads. Measured: a GRPO step of a 0.5 M-parameter model grows the RSS by 62 MiB after the imports.
 HOST_RUNTIME_BYTES = 64 * 2**20

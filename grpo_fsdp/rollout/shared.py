@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from grpo_fsdp.estimate import DENSE_NF4_SHARE  # the plan counts the dense bases by the same rule
 from grpo_fsdp.lora import dense_nf4_bases, dense_nf4_bytes
 from grpo_fsdp.rollout.base import Completion, SamplingConfig
 from grpo_fsdp.rollout.hf import HFEngine
@@ -112,9 +113,6 @@ def generating(policy: nn.Module) -> Iterator[None]:
             for m, flag in flags:
                 m.set_reshard_after_forward(flag, recurse=False)
                 m.reshard()
-
-
-DENSE_NF4_SHARE = 0.25  # a rollout may hold dequantized NF4 bases up to this share of the free memory
 
 
 def _free_bytes(device: torch.device) -> int:
